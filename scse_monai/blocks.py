@@ -1,0 +1,238 @@
+"""Squeeze-and-excitation blocks of Roy et al. (MICCAI 2018, TMI 2019) for any number of spatial dims.
+
+Each block takes a feature map ``x`` of shape ``(B, C, *spatial)`` and returns a recalibrated map of the
+same shape:
+
+- :class:`ChannelSELayer` (cSE) squeezes space (global average pool), excites channels:
+  ``x * sigmoid(W2 relu(W1 mean(x)))``.
+- :class:`SpatialSELayer` (sSE) squeezes channels (1x1 convolution), excites positions:
+  ``x * sigmoid(conv1x1(x))``.
+- :class:`ChannelSpatialSELayer` (scSE) combines both recalibrated maps by max-out (journal version),
+  addition (MICCAI version), multiplication or concatenation followed by a 1x1 convolution.
+
+MONAI ships only a channel SE block (``monai.networks.blocks.ChannelSELayer``); sSE and scSE are written
+here. The gates are computed first (they are small: ``(B, C, 1, ...)`` and ``(B, 1, *spatial)``), and the
+full-size feature map is touched as few times as possible.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.layers.factories import Conv, LayerFactory, Pool
+from torch import nn
+
+__all__ = [
+    "AGGREGATIONS",
+    "SE_LAYER_NAMES",
+    "ChannelSELayer",
+    "ChannelSpatialSELayer",
+    "SpatialSELayer",
+    "get_se_layer",
+]
+
+AGGREGATIONS: tuple[str, ...] = ("max", "add", "mul", "concat")
+SE_LAYER_NAMES: tuple[str, ...] = ("none", "cse", "sse", "scse")
+_SPATIAL_DIMS = (1, 2, 3)
+
+
+def _check_spatial_dims(spatial_dims: int) -> None:
+    if spatial_dims not in _SPATIAL_DIMS:
+        raise ValueError(f"spatial_dims must be one of {_SPATIAL_DIMS}, got {spatial_dims!r}.")
+
+
+def _check_in_channels(in_channels: int) -> None:
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}.")
+
+
+class ChannelSELayer(nn.Module):
+    """Channel squeeze-and-excitation (cSE).
+
+    A global average pool squeezes each channel to one number; two fully connected layers
+    (``C -> C // reduction_ratio -> C``, with biases, ReLU between) and a sigmoid turn those into one
+    gate per channel, which scales the whole channel.
+
+    Args:
+        spatial_dims: number of spatial dimensions of the input (1, 2 or 3).
+        in_channels: number of channels ``C`` of the input.
+        reduction_ratio: ``r``; the hidden layer has ``C // r`` units, at least 1.
+
+    Example::
+
+        >>> layer = ChannelSELayer(spatial_dims=2, in_channels=64, reduction_ratio=2)
+        >>> layer(torch.randn(4, 64, 32, 32)).shape
+        torch.Size([4, 64, 32, 32])
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, reduction_ratio: int = 2) -> None:
+        super().__init__()
+        _check_spatial_dims(spatial_dims)
+        _check_in_channels(in_channels)
+        if isinstance(reduction_ratio, bool) or not isinstance(reduction_ratio, int) or reduction_ratio < 1:
+            raise ValueError(f"reduction_ratio must be a positive integer, got {reduction_ratio!r}.")
+        hidden = in_channels // reduction_ratio
+        if hidden < 1:
+            raise ValueError(
+                f"reduction_ratio={reduction_ratio} leaves {hidden} hidden units for in_channels={in_channels}; "
+                f"allowed values are 1..{in_channels}."
+            )
+        self.spatial_dims = spatial_dims
+        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        self.fc = nn.Sequential(
+            nn.Linear(in_channels, hidden, bias=True),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, in_channels, bias=True),
+            nn.Sigmoid(),
+        )
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the channel gates, shape ``(B, C, 1, ...)``, broadcastable against ``x``."""
+        b, c = x.shape[0], x.shape[1]
+        y = self.fc(self.pool(x).view(b, c))
+        return y.view([b, c] + [1] * self.spatial_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
+class SpatialSELayer(nn.Module):
+    """Spatial squeeze-and-excitation (sSE).
+
+    A 1x1 convolution (``C -> 1``, with bias) and a sigmoid give one gate per position, which scales
+    every channel at that position.
+
+    Args:
+        spatial_dims: number of spatial dimensions of the input (1, 2 or 3).
+        in_channels: number of channels ``C`` of the input.
+
+    Example::
+
+        >>> layer = SpatialSELayer(spatial_dims=3, in_channels=16)
+        >>> layer(torch.randn(2, 16, 8, 8, 8)).shape
+        torch.Size([2, 16, 8, 8, 8])
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int) -> None:
+        super().__init__()
+        _check_spatial_dims(spatial_dims)
+        _check_in_channels(in_channels)
+        self.conv = Conv[Conv.CONV, spatial_dims](in_channels, 1, kernel_size=1, bias=True)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the spatial gates, shape ``(B, 1, *spatial)``, broadcastable against ``x``."""
+        return torch.sigmoid(self.conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
+class ChannelSpatialSELayer(nn.Module):
+    """Concurrent spatial and channel squeeze-and-excitation (scSE).
+
+    The input is recalibrated by the channel gates of :attr:`cse` and by the spatial gates of :attr:`sse`,
+    and the two recalibrated maps are aggregated:
+
+    - ``"max"``: elementwise maximum (max-out; the TMI 2019 version and the authors' code),
+    - ``"add"``: sum (the MICCAI 2018 version),
+    - ``"mul"``: elementwise product,
+    - ``"concat"``: concatenation along channels, then a 1x1 convolution ``2C -> C`` (with bias).
+
+    ``block(x)`` equals, e.g. for ``"max"``, ``torch.maximum(block.cse(x), block.sse(x))``.
+
+    Args:
+        spatial_dims: number of spatial dimensions of the input (1, 2 or 3).
+        in_channels: number of channels ``C`` of the input.
+        reduction_ratio: reduction ratio ``r`` of the channel SE's hidden layer.
+        aggregation: one of ``"max"``, ``"add"``, ``"mul"``, ``"concat"``.
+
+    Example::
+
+        >>> layer = ChannelSpatialSELayer(spatial_dims=2, in_channels=64, aggregation="max")
+        >>> x = torch.randn(1, 64, 16, 16)
+        >>> torch.allclose(layer(x), torch.maximum(layer.cse(x), layer.sse(x)))
+        True
+    """
+
+    def __init__(
+        self, spatial_dims: int, in_channels: int, reduction_ratio: int = 2, aggregation: str = "max"
+    ) -> None:
+        super().__init__()
+        if not isinstance(aggregation, str) or aggregation.lower() not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
+        self.aggregation: str = aggregation.lower()
+        self.cse = ChannelSELayer(spatial_dims, in_channels, reduction_ratio)
+        self.sse = SpatialSELayer(spatial_dims, in_channels)
+        # Only "concat" has its own weights; an Identity keeps the module tree TorchScript-friendly.
+        self.fuse: nn.Module = (
+            Conv[Conv.CONV, spatial_dims](2 * in_channels, in_channels, kernel_size=1, bias=True)
+            if self.aggregation == "concat"
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gc = self.cse.gate(x)  # (B, C, 1, ...)
+        gs = self.sse.gate(x)  # (B, 1, *spatial)
+        if self.aggregation == "add":
+            # x*gc + x*gs == x * (gc + gs): one full-size product instead of two plus a sum.
+            return x * (gc + gs)
+        if self.aggregation == "mul":
+            # (x*gc) * (x*gs) == (x*x) * (gc*gs); gc*gs is the only other full-size tensor.
+            return (x * x) * (gc * gs)
+        if self.aggregation == "max":
+            # Without autograd the first product is reused as the output buffer, so inference allocates
+            # only the output and one temporary (the naive form allocates three full-size tensors).
+            if torch.is_grad_enabled() and (x.requires_grad or gc.requires_grad or gs.requires_grad):
+                return torch.maximum(x * gc, x * gs)
+            out = x * gc
+            tmp = x * gs
+            return torch.maximum(out, tmp, out=out)
+        return self.fuse(torch.cat([x * gc, x * gs], dim=1))
+
+
+def get_se_layer(name: str | None, spatial_dims: int, in_channels: int, **kwargs) -> nn.Module:
+    """Builds an SE layer by name.
+
+    Args:
+        name: ``None`` or ``"none"`` (identity), ``"cse"``, ``"sse"`` or ``"scse"``; case-insensitive.
+        spatial_dims: number of spatial dimensions (1, 2 or 3).
+        in_channels: number of input channels.
+        kwargs: ``reduction_ratio`` (cSE, scSE) and ``aggregation`` (scSE). Both are validated for every
+            variant, and ignored by variants that do not use them, so one set of options configures all.
+
+    Returns:
+        The layer (``torch.nn.Identity`` for ``None``/``"none"``).
+
+    Example::
+
+        >>> get_se_layer("scse", 2, 32, reduction_ratio=4, aggregation="add")
+        ChannelSpatialSELayer(...)
+    """
+    key = "none" if name is None else name
+    if not isinstance(key, str) or key.lower() not in SE_LAYER_NAMES:
+        raise ValueError(f"SE layer name must be None or one of {SE_LAYER_NAMES} (case-insensitive), got {name!r}.")
+    key = key.lower()
+    unknown = set(kwargs) - {"reduction_ratio", "aggregation"}
+    if unknown:
+        raise ValueError(f"unexpected SE options {sorted(unknown)}; allowed: ['aggregation', 'reduction_ratio'].")
+    _check_spatial_dims(spatial_dims)
+    _check_in_channels(in_channels)
+    ratio = kwargs.get("reduction_ratio", 2)
+    aggregation = kwargs.get("aggregation", "max")
+    # validate options even where the chosen variant does not use them, so a typo never passes silently
+    if not isinstance(aggregation, str) or aggregation.lower() not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
+    if key == "none":
+        return nn.Identity()
+    if key == "sse":
+        return SpatialSELayer(spatial_dims, in_channels)
+    if key == "cse":
+        return ChannelSELayer(spatial_dims, in_channels, ratio)
+    return ChannelSpatialSELayer(spatial_dims, in_channels, ratio, aggregation)
+
+
+SE = LayerFactory(name="SE", description="Squeeze-and-excitation layers of Roy et al. (cSE, sSE, scSE).")
+SE.add_factory_class("CSE", ChannelSELayer)
+SE.add_factory_class("SSE", SpatialSELayer)
+SE.add_factory_class("SCSE", ChannelSpatialSELayer)
+SE.add_factory_class("NONE", nn.Identity)
+__all__.append("SE")

@@ -1,0 +1,1 @@
+"""SE segmentation networks (filled in by the networks module)."""
