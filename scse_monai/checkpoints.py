@@ -1,0 +1,187 @@
+"""Checkpoint handlers for resumable training.
+
+MONAI's ``CheckpointSaver`` writes with ``atomic=False`` (a run killed while saving leaves a truncated file),
+and its ``CheckpointLoader`` needs a path that exists when the config is parsed. A resumable bundle needs both
+the other way round: files that are either complete or absent, and "load the latest checkpoint if there is one".
+These two handlers add exactly that on top of ignite's ``Checkpoint`` and MONAI's ``CheckpointLoader``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, global_step_from_engine
+from monai.handlers import CheckpointLoader
+
+__all__ = ["AtomicCheckpointSaver", "ResumeFromLatestCheckpoint", "latest_checkpoint", "save_atomically"]
+
+_EPOCH_RE = re.compile(r"_epoch=(\d+)\.pt$")
+
+
+def save_atomically(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: the file is complete or absent.
+
+    Args:
+        obj: what to save.
+        path: destination file.
+
+    Example::
+
+        >>> save_atomically({"w": torch.zeros(1)}, "out/model.pt")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class _AtomicDiskSaver:
+    """Minimal ignite save handler (callable + ``remove``) writing atomically, on rank 0 only."""
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+        self.dirname = Path(dirname)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        import ignite.distributed as idist
+
+        if idist.get_rank() == 0:
+            save_atomically(checkpoint, self.dirname / (self.filename or filename))
+
+    def remove(self, filename: str) -> None:
+        import ignite.distributed as idist
+
+        if idist.get_rank() == 0 and self.filename is None:
+            (self.dirname / filename).unlink(missing_ok=True)
+
+
+class AtomicCheckpointSaver:
+    """Saves checkpoints atomically: every ``interval`` epochs (for resuming) and/or the best key metric.
+
+    Args:
+        save_dir: folder of the checkpoints.
+        save_dict: objects to save, e.g. ``{"model": net, "optimizer": opt, "trainer": trainer}``. DDP-wrapped
+            models are unwrapped by ignite, so the keys match the bare network.
+        interval: save ``<prefix>_epoch=N.pt`` every ``interval`` epochs (0 disables).
+        n_saved: how many interval checkpoints to keep.
+        file_prefix: prefix of interval checkpoints.
+        save_key_metric: also save the model whenever the engine's key metric improves.
+        key_metric_filename: file name of the best-metric checkpoint.
+
+    Example::
+
+        >>> saver = AtomicCheckpointSaver("models", {"model": net, "trainer": trainer}, interval=1)
+        >>> saver.attach(trainer)
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        interval: int = 1,
+        n_saved: int = 1,
+        file_prefix: str = "checkpoint",
+        save_key_metric: bool = False,
+        key_metric_filename: str = "model.pt",
+    ) -> None:
+        if not save_dict:
+            raise ValueError("save_dict must name at least one object to save.")
+        self.save_dir = save_dir
+        self.save_dict = save_dict
+        self.interval = interval
+        self.n_saved = n_saved
+        self.file_prefix = file_prefix
+        self.save_key_metric = save_key_metric
+        self.key_metric_filename = key_metric_filename
+
+    def attach(self, engine: Engine) -> None:
+        Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+        if self.interval > 0:
+            interval_ckpt = Checkpoint(
+                to_save=self.save_dict,
+                save_handler=_AtomicDiskSaver(self.save_dir),
+                filename_prefix=self.file_prefix,
+                filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
+                n_saved=self.n_saved,
+                global_step_transform=lambda eng, _: eng.state.epoch,
+            )
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), interval_ckpt)
+        if self.save_key_metric:
+
+            def _score(eng: Engine) -> float:
+                return eng.state.metrics[eng.state.key_metric_name]
+
+            best_ckpt = Checkpoint(
+                to_save=self.save_dict,
+                save_handler=_AtomicDiskSaver(self.save_dir, filename=self.key_metric_filename),
+                n_saved=1,
+                score_function=_score,
+                score_name="key_metric",
+                global_step_transform=global_step_from_engine(engine),
+            )
+            engine.add_event_handler(Events.EPOCH_COMPLETED, best_ckpt)
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> Path | None:
+    """Returns the ``<prefix>_epoch=N.pt`` file with the largest ``N`` in ``ckpt_dir``, or ``None``.
+
+    Example::
+
+        >>> latest_checkpoint("models")
+        PosixPath('models/checkpoint_epoch=3.pt')
+    """
+    found = []
+    for p in Path(ckpt_dir).glob(f"{prefix}_*.pt"):
+        m = _EPOCH_RE.search(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+class ResumeFromLatestCheckpoint(CheckpointLoader):
+    """MONAI ``CheckpointLoader`` that loads the latest interval checkpoint if one exists, else does nothing.
+
+    Attach it to the trainer first, so a killed run continues from its last completed epoch.
+
+    Args:
+        ckpt_dir: folder searched for ``<prefix>_epoch=N.pt``.
+        load_dict: objects to restore (same keys as the saver's ``save_dict``).
+        prefix: checkpoint file prefix.
+        enabled: ``False`` turns resuming off (start from scratch even if checkpoints exist).
+        kwargs: passed to ``monai.handlers.CheckpointLoader`` (``map_location``, ``strict``, ...).
+
+    Example::
+
+        >>> ResumeFromLatestCheckpoint("models", {"model": net, "optimizer": opt, "trainer": trainer}).attach(trainer)
+    """
+
+    def __init__(
+        self, ckpt_dir: str, load_dict: dict, prefix: str = "checkpoint", enabled: bool = True, **kwargs
+    ) -> None:
+        kwargs.setdefault("map_location", "cpu")
+        super().__init__(load_path=str(Path(ckpt_dir) / f"{prefix}_epoch=0.pt"), load_dict=load_dict, **kwargs)
+        self.ckpt_dir = ckpt_dir
+        self.prefix = prefix
+        self.enabled = enabled
+
+    def __call__(self, engine: Engine) -> None:
+        path = latest_checkpoint(self.ckpt_dir, self.prefix) if self.enabled else None
+        if path is None:
+            self.logger.info(f"no checkpoint to resume from in {self.ckpt_dir}; starting from scratch")
+            return
+        self.load_path = str(path)
+        super().__call__(engine)
+        self.logger.info(f"resumed at epoch {engine.state.epoch} from {path}")
