@@ -1,0 +1,456 @@
+"""Synthetic abdominal phantoms written in the native CHAOS (DICOM + PNG) and VISCERAL (NIfTI) layouts.
+
+Each case is a smooth, randomly deformed anatomy: an elliptical body with subcutaneous fat and a muscle wall,
+liver on the patient's right (with a left lobe), spleen on the left, both kidneys posterior beside the spine,
+aorta, vertebrae, psoas muscles, pancreas, gallbladder, stomach, lung bases and urinary bladder. Intensities are
+plausible per modality (CT in HU; MR T2-SPIR with fat suppression; T1 in/opposed phase with chemical-shift dark
+boundaries), partial-volume blurred, with a multiplicative bias field (MR) and Rician (MR) / Gaussian (CT) noise.
+Sizes, pixel spacing and slice counts vary per case. Odd-numbered cases are written with the files running against
+the slice normal (file 1 is the most superior slice), as some real series do.
+
+Geometry: the phantom is generated on a grid whose index axes are (patient left, posterior, superior), i.e.
+standard axial DICOM slices (ImageOrientationPatient 1\\0\\0\\0\\1\\0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+__all__ = ["synthesize", "make_phantom", "write_dicom_series", "Phantom", "LAYOUTS"]
+
+LAYOUTS = ("chaos-ct", "chaos-mr", "visceral")
+
+# structure name -> RadLex id (VISCERAL Anatomy3); "body", "fat", "muscle", "stomach", "bone" are unlabelled tissue
+RADLEX = {
+    "liver": 58,
+    "spleen": 86,
+    "pancreas": 170,
+    "gallbladder": 187,
+    "urinary bladder": 237,
+    "aorta": 480,
+    "right lung": 1302,
+    "left lung": 1326,
+    "first lumbar vertebra": 29193,
+    "right kidney": 29662,
+    "left kidney": 29663,
+    "right adrenal gland": 30324,
+    "left adrenal gland": 30325,
+    "right psoas major": 32248,
+    "left psoas major": 32249,
+}
+
+# Tissues painted in this order (later ones overwrite earlier). Ellipsoid centre (u, v, w): u, v in units of the
+# body half-width / half-depth (+u = patient left, +v = posterior), w in units of the scanned z-extent (+ superior,
+# 0 = centre); radii in mm. kind "cyl" = cylinder along z limited to [w0, w1].
+_TISSUES: list[tuple[str, str, tuple[float, float, float], tuple[float, float, float]]] = [
+    ("stomach", "ell", (0.30, -0.25, 0.20), (45, 38, 40)),
+    ("right lung", "ell", (-0.42, 0.25, 0.62), (70, 85, 70)),
+    ("left lung", "ell", (0.42, 0.25, 0.62), (65, 85, 62)),
+    ("liver", "ell", (-0.42, -0.05, 0.20), (85, 78, 75)),
+    ("liver", "ell", (-0.02, -0.40, 0.26), (55, 32, 35)),
+    ("gallbladder", "ell", (-0.30, -0.45, 0.02), (15, 14, 28)),
+    ("pancreas", "ell", (0.12, 0.18, 0.04), (62, 12, 16)),
+    ("spleen", "ell", (0.62, 0.35, 0.20), (32, 48, 55)),
+    ("right kidney", "ell", (-0.33, 0.52, -0.10), (31, 33, 55)),
+    ("left kidney", "ell", (0.33, 0.52, -0.04), (30, 33, 55)),
+    ("right adrenal gland", "ell", (-0.25, 0.45, 0.16), (8, 12, 15)),
+    ("left adrenal gland", "ell", (0.25, 0.45, 0.18), (8, 12, 15)),
+    ("aorta", "cyl", (0.07, 0.45, 0.0), (11, 11, 0)),
+    ("bone", "cyl", (0.0, 0.72, 0.0), (22, 20, 0)),
+    ("right psoas major", "ell", (-0.20, 0.68, -0.40), (20, 22, 80)),
+    ("left psoas major", "ell", (0.20, 0.68, -0.40), (20, 22, 80)),
+    ("urinary bladder", "ell", (0.0, -0.30, -0.55), (40, 35, 32)),
+]
+
+# Intensity per tissue: CT in HU; MR as scanner units (0..~1500)
+_INTENSITY = {
+    #                    CT     T2SPIR  T1in  T1out
+    "air": (-1000, 0, 0, 0),
+    "body": (30, 260, 420, 400),
+    "fat": (-100, 110, 900, 820),
+    "muscle": (50, 170, 340, 320),
+    "stomach": (15, 700, 240, 230),
+    "right lung": (-850, 30, 40, 40),
+    "left lung": (-850, 30, 40, 40),
+    "liver": (95, 330, 600, 560),
+    "gallbladder": (5, 1100, 150, 150),
+    "pancreas": (85, 420, 560, 520),
+    "spleen": (110, 560, 450, 430),
+    "right kidney": (165, 620, 420, 400),
+    "left kidney": (165, 620, 420, 400),
+    "right adrenal gland": (60, 300, 420, 300),
+    "left adrenal gland": (60, 300, 420, 300),
+    "aorta": (175, 80, 200, 200),
+    "bone": (450, 150, 520, 480),
+    "first lumbar vertebra": (450, 150, 520, 480),
+    "right psoas major": (50, 170, 340, 320),
+    "left psoas major": (50, 170, 340, 320),
+    "urinary bladder": (8, 1200, 120, 120),
+}
+_CONTRAST = {"ct": 0, "t2spir": 1, "t1in": 2, "t1out": 3}
+
+
+@dataclass
+class Phantom:
+    """One synthetic case on an LPS-aligned grid ``[left, posterior, superior]``.
+
+    Attributes:
+        tissue: int16 tissue-index map (index into :attr:`names`, 0 = air).
+        names: tissue names, ``names[0] == "air"``.
+        spacing: voxel size in mm (x, y, z).
+        origin: LPS position (mm) of voxel (0, 0, 0).
+        rng_state: generator used for intensities (noise, bias field, texture).
+    """
+
+    tissue: np.ndarray
+    names: list[str]
+    spacing: tuple[float, float, float]
+    origin: np.ndarray
+    rng: np.random.Generator
+
+    def mask(self, name: str) -> np.ndarray:
+        """Binary mask of one structure (all entries of that name)."""
+        idx = [k for k, n in enumerate(self.names) if n == name]
+        return np.isin(self.tissue, idx)
+
+    def image(self, contrast: str) -> np.ndarray:
+        """Render intensities: ``contrast`` in ``{"ct", "t2spir", "t1in", "t1out"}`` (float32)."""
+        col = _CONTRAST[contrast]
+        rng = np.random.default_rng(self.rng.integers(2**32))
+        lut = np.array([_INTENSITY[n][col] for n in self.names], dtype=np.float32)
+        img = lut[self.tissue]
+        # organ texture: smooth multiplicative (MR) / additive (CT) variation
+        tex = _smooth_noise(rng, self.tissue.shape, 6.0)
+        if contrast == "ct":
+            img = img + 12.0 * tex * (self.tissue > 0)
+        else:
+            img = img * (1.0 + 0.06 * tex)
+        if contrast == "t1out":  # opposed phase: dark line at fat-water interfaces ("India ink")
+            fat = (self.tissue == self.names.index("fat")).astype(np.float32)
+            soft = ndimage.gaussian_filter(fat, (0.8, 0.8, 0.0))
+            img = img * (1.0 - 0.8 * ((soft > 0.15) & (soft < 0.85)))
+        img = ndimage.gaussian_filter(img, (0.6, 0.6, 0.3))  # partial volume
+        if contrast == "ct":
+            img = img + rng.normal(0.0, 12.0, img.shape)
+            return np.clip(img, -1024, 3071).astype(np.float32)
+        ramp = np.linspace(-1, 1, img.shape[1])[None, :, None]  # coil sensitivity falls off posteriorly
+        bias = np.exp(0.25 * _smooth_noise(rng, img.shape, 40.0) + 0.15 * ramp)
+        img = img * bias
+        sigma = 0.03 * float(_INTENSITY["liver"][col])
+        img = np.hypot(img + rng.normal(0, sigma, img.shape), rng.normal(0, sigma, img.shape))  # Rician
+        return np.clip(img, 0, 4095).astype(np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], scale: float) -> np.ndarray:
+    """Zero-mean, unit-ish smooth random field with correlation length ``scale`` voxels (in-plane)."""
+    coarse = [max(3, int(np.ceil(s / scale)) + 2) for s in shape[:2]] + [max(3, int(np.ceil(shape[2] / 4)) + 2)]
+    field = ndimage.zoom(rng.standard_normal(coarse), [s / c for s, c in zip(shape, coarse, strict=True)], order=3)
+    field = field[: shape[0], : shape[1], : shape[2]]
+    pad = [(0, s - f) for s, f in zip(shape, field.shape, strict=True)]
+    field = np.pad(field, pad, mode="edge")
+    return (field / (field.std() + 1e-6)).astype(np.float32)
+
+
+def make_phantom(rng: np.random.Generator, size: int = 128, slices: int = 30, fov_mm: float | None = None) -> Phantom:
+    """Generate one phantom anatomy.
+
+    Args:
+        rng: random generator (all randomness comes from it).
+        size: in-plane matrix (rows = columns = size).
+        slices: number of axial slices; the slice spacing is chosen so the abdomen (liver dome to bladder) fits.
+        fov_mm: in-plane field of view; default random 360-420 mm.
+
+    Returns:
+        the phantom.
+
+    Example:
+        >>> ph = make_phantom(np.random.default_rng(0), size=64, slices=12)
+        >>> ph.mask("liver").any()
+        True
+    """
+    fov = float(fov_mm or rng.uniform(360, 420))
+    dxy = fov / size
+    extent_z = float(rng.uniform(230, 290))
+    dz = extent_z / slices
+    nx = ny = size
+    nz = slices
+    x = (np.arange(nx) - (nx - 1) / 2) * dxy
+    y = (np.arange(ny) - (ny - 1) / 2) * dxy + rng.uniform(-8, 8)
+    z = (np.arange(nz) - (nz - 1) / 2) * dz
+    X, Y, Z = np.meshgrid(x, y, z, indexing="ij")
+    W = Z / extent_z  # -0.5 .. 0.5
+
+    a = rng.uniform(140, 175) * (1 + 0.05 * W)  # body half-width (mm), slightly wider superiorly
+    b = rng.uniform(100, 128) * (1 + 0.04 * W)
+    fields = [_smooth_noise(rng, X.shape, size / 6) for _ in range(3)]
+
+    def deform(amp: float) -> np.ndarray:
+        w = rng.normal(0, 1, 3)
+        return amp * (w[0] * fields[0] + w[1] * fields[1] + w[2] * fields[2]) / np.sqrt(3)
+
+    body_f = (X / a) ** 2 + (Y / b) ** 2 + deform(0.04)
+    names = ["air", "body", "fat", "muscle"]
+    tissue = np.zeros(X.shape, np.int16)
+    tissue[body_f < 1.0] = names.index("fat")
+    inner = body_f < rng.uniform(0.78, 0.88) ** 2
+    tissue[inner] = names.index("muscle")
+    cavity = body_f < rng.uniform(0.70, 0.76) ** 2
+    tissue[cavity] = names.index("body")
+    # some intra-abdominal fat blobs
+    fat_blobs = (_smooth_noise(rng, X.shape, size / 14) > 1.7) & cavity
+    tissue[fat_blobs] = names.index("fat")
+
+    grow = rng.uniform(0.85, 1.15)
+    for name, kind, (u, v, w), (rx, ry, rz) in _TISSUES:
+        if name not in names:
+            names.append(name)
+        cx = u * np.mean(a) + rng.normal(0, 6)
+        cy = v * np.mean(b) + rng.normal(0, 5)
+        s = grow * rng.uniform(0.9, 1.1)
+        if kind == "cyl":
+            f = ((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2 + deform(0.05)
+        else:
+            cz = w * extent_z + rng.normal(0, 8)
+            f = ((X - cx) / (rx * s)) ** 2 + ((Y - cy) / (ry * s)) ** 2 + ((Z - cz) / (rz * s)) ** 2 + deform(0.25)
+        region = (f < 1.0) & cavity
+        if name == "bone":
+            region = (f < 1.0) & (body_f < 0.95)
+        tissue[region] = names.index(name)
+    # first lumbar vertebra: the vertebral body at the level of the kidney hila
+    l1_z = np.mean([w for n, _, (_, _, w), _ in _TISSUES if n.endswith("kidney")]) * extent_z + 25
+    names.append("first lumbar vertebra")
+    bone = tissue == names.index("bone")
+    tissue[bone & (np.abs(Z - l1_z) < 15)] = names.index("first lumbar vertebra")
+
+    origin = np.array([x[0], y[0], z[0]])
+    return Phantom(tissue=tissue, names=names, spacing=(dxy, dxy, dz), origin=origin, rng=rng)
+
+
+def write_dicom_series(
+    volume: np.ndarray,
+    directory: str | Path,
+    file_names: Sequence[str],
+    *,
+    origin: Sequence[float],
+    row_dir: Sequence[float] = (1, 0, 0),
+    col_dir: Sequence[float] = (0, 1, 0),
+    pixel_spacing: tuple[float, float] = (1.0, 1.0),
+    slice_step: Sequence[float] = (0, 0, 1),
+    modality: str = "MR",
+    patient_id: str = "SYNTH",
+    series_description: str = "",
+    series_number: int = 1,
+    seed: int = 0,
+    rescale_intercept: float | None = None,
+) -> list[Path]:
+    """Write ``volume[i, j, k]`` (column, row, slice) as a DICOM series, slice ``k`` to ``file_names[k]``.
+
+    Slice ``k`` is at LPS ``origin + k * slice_step``; ``file_names`` decides the file order, so writing a series
+    "against the normal" or shuffled is a matter of the names passed.
+
+    Args:
+        volume: integer-valued voxel array (MR: stored values; CT: Hounsfield units).
+        directory: output folder (created).
+        file_names: one file name per slice.
+        origin: LPS position of voxel (0, 0, 0).
+        row_dir: direction cosine along a row (increasing column index).
+        col_dir: direction cosine along a column (increasing row index).
+        pixel_spacing: DICOM PixelSpacing (row spacing, column spacing).
+        slice_step: LPS vector from one slice to the next.
+        modality: ``"MR"`` or ``"CT"``.
+        patient_id: PatientID.
+        series_description: SeriesDescription.
+        series_number: SeriesNumber.
+        seed: makes UIDs reproducible.
+        rescale_intercept: CT only; stored value = HU - intercept (default -1024).
+
+    Returns:
+        the written paths, ``paths[k]`` holds slice ``k``.
+
+    Example:
+        >>> vol = np.zeros((4, 3, 2), np.uint16)
+        >>> write_dicom_series(vol, tmp, ["a.dcm", "b.dcm"], origin=(0, 0, 0))  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    row_dir, col_dir = np.asarray(row_dir, float), np.asarray(col_dir, float)
+    normal = np.cross(row_dir, col_dir)
+    step = np.asarray(slice_step, float)
+    key = f"{patient_id}/{series_description}/{series_number}/{seed}"
+    study_uid = generate_uid(entropy_srcs=[key, "study"])
+    series_uid = generate_uid(entropy_srcs=[key, "series"])
+    frame_uid = generate_uid(entropy_srcs=[key, "frame"])
+    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
+    paths = []
+    for k, name in enumerate(file_names):
+        pos = np.asarray(origin, float) + k * step
+        sl = volume[:, :, k].T
+        if modality == "CT":
+            intercept = -1024.0 if rescale_intercept is None else rescale_intercept
+            pix = np.clip(np.round(sl - intercept), 0, 65535).astype(np.uint16)
+        else:
+            pix = np.clip(np.round(sl), 0, 65535).astype(np.uint16)
+        sop_uid = generate_uid(entropy_srcs=[key, name])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = sop_uid
+        ds.Modality = modality
+        ds.SeriesDescription = series_description
+        ds.PatientName = "Synthetic^Phantom"
+        ds.PatientID = patient_id
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.SeriesNumber = series_number
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
+        ds.SliceLocation = f"{float(pos @ normal):.4f}"
+        ds.SliceThickness = f"{float(np.linalg.norm(step)):.4f}"
+        ds.PixelSpacing = [f"{pixel_spacing[0]:.6f}", f"{pixel_spacing[1]:.6f}"]
+        ds.Rows, ds.Columns = pix.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        if modality == "CT":
+            ds.RescaleIntercept = f"{intercept:.1f}"
+            ds.RescaleSlope = "1"
+            ds.RescaleType = "HU"
+        ds.PixelData = pix.tobytes()
+        path = directory / name
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+_MR_GRAY = {"liver": 63, "right kidney": 126, "left kidney": 189, "spleen": 252}
+
+
+def _write_png(mask: np.ndarray, path: Path) -> None:
+    Image.fromarray(mask.T.astype(np.uint8)).save(path)  # mask[i, j] -> PNG rows j, columns i
+
+
+def _chaos_case(ph: Phantom, root: Path, layout: str, pid: str, reverse: bool, seed: int, kw: dict) -> None:
+    nz = ph.tissue.shape[2]
+    dx, dy, dz = ph.spacing
+    # reverse: slice 0 of the written series is the most superior one, so the series runs against the normal
+    flip = (slice(None), slice(None), slice(None, None, -1)) if reverse else (slice(None),) * 3
+    origin = ph.origin + (np.array([0, 0, (nz - 1) * dz]) if reverse else 0)
+    step = (0, 0, -dz if reverse else dz)
+    geo = dict(origin=origin, pixel_spacing=(dy, dx), slice_step=step, patient_id=f"CHAOS-SYN-{pid}", seed=seed)
+    if layout == "chaos-ct":
+        base = root / "CT" / pid
+        names = [f"i{k:04d},0000b.dcm" for k in range(nz)]
+        write_dicom_series(ph.image("ct")[flip], base / "DICOM_anon", names, modality="CT", series_number=1, **geo)
+        (base / "Ground").mkdir(parents=True, exist_ok=True)
+        liver = ph.mask("liver")[flip]
+        for k in range(nz):
+            _write_png(liver[:, :, k] * 255, base / "Ground" / f"liver_GT_{k:03d}.png")
+        return
+    gray = np.zeros(ph.tissue.shape, np.uint8)
+    for name, value in _MR_GRAY.items():
+        gray[ph.mask(name)] = value
+    gray = gray[flip]
+    if kw.get("mr_sequence", "t2spir") in ("t2spir", "both"):
+        base = root / "MR" / pid / "T2SPIR"
+        names = [f"IMG-0002-{k + 1:05d}" for k in range(nz)]
+        write_dicom_series(
+            ph.image("t2spir")[flip], base / "DICOM_anon", [n + ".dcm" for n in names], modality="MR",
+            series_description="T2SPIR", series_number=2, **geo,
+        )  # fmt: skip
+        (base / "Ground").mkdir(parents=True, exist_ok=True)
+        for k, n in enumerate(names):
+            _write_png(gray[:, :, k], base / "Ground" / f"{n}.png")
+    if kw.get("mr_sequence", "t2spir") in ("t1dual", "both"):
+        # CHAOS T1-DUAL: both echoes of one acquisition share series 4; in-phase files carry the even numbers,
+        # opposed-phase the odd ones; the Ground masks carry the in-phase names.
+        base = root / "MR" / pid / "T1DUAL"
+        in_names = [f"IMG-0004-{2 * k + 2:05d}" for k in range(nz)]
+        out_names = [f"IMG-0004-{2 * k + 1:05d}" for k in range(nz)]
+        for contrast, sub, names in (("t1in", "InPhase", in_names), ("t1out", "OutPhase", out_names)):
+            write_dicom_series(
+                ph.image(contrast)[flip], base / "DICOM_anon" / sub, [n + ".dcm" for n in names], modality="MR",
+                series_description=f"T1DUAL {sub}", series_number=4, **geo,
+            )  # fmt: skip
+        (base / "Ground").mkdir(parents=True, exist_ok=True)
+        for k, n in enumerate(in_names):
+            _write_png(gray[:, :, k], base / "Ground" / f"{n}.png")
+
+
+def _visceral_case(ph: Phantom, root: Path, stem: str) -> None:
+    (root / "Volumes").mkdir(parents=True, exist_ok=True)
+    (root / "Segmentations").mkdir(parents=True, exist_ok=True)
+    # grid axes are LPS (left, posterior, superior); VISCERAL volumes are stored RAS-ish: flip x and y
+    lps = np.diag([*ph.spacing, 1.0])
+    lps[:3, 3] = ph.origin
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    ct = np.round(ph.image("ct")).astype(np.int16)
+    img = nib.Nifti1Image(ct, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, root / "Volumes" / f"{stem}.nii.gz")
+    for name, rid in RADLEX.items():
+        m = ph.mask(name)
+        if not m.any():
+            continue
+        seg = nib.Nifti1Image(m.astype(np.uint8), affine)
+        seg.set_qform(affine, code=1)
+        seg.set_sform(affine, code=1)
+        nib.save(seg, root / "Segmentations" / f"{stem}_{rid}_1.nii.gz")
+
+
+def synthesize(layout: str, out: str | Path, cases: int, seed: int = 0, **kw) -> Path:
+    """Write ``cases`` synthetic patients in a dataset's native layout.
+
+    Args:
+        layout: ``"chaos-ct"`` (writes ``OUT/CT/<id>/...``), ``"chaos-mr"`` (``OUT/MR/<id>/T2SPIR``; pass
+            ``mr_sequence="t1dual"`` or ``"both"`` for T1-DUAL) or ``"visceral"`` (``OUT/Volumes``,
+            ``OUT/Segmentations``).
+        out: output root, i.e. what ``prepare --root`` expects (CHAOS ``Train_Sets`` / VISCERAL root).
+        cases: number of patients.
+        seed: random seed; the same seed gives the same files.
+        kw: ``size`` (in-plane matrix, default 128), ``slices`` ((min, max) slice counts, default (24, 36)),
+            ``mr_sequence`` (``"t2spir"``, ``"t1dual"``, ``"both"``), ``progress`` (bool, default True).
+
+    Returns:
+        ``out`` as a Path.
+
+    Example:
+        >>> synthesize("chaos-mr", tmp_path / "Train_Sets", cases=2, size=64, slices=(10, 12))  # doctest: +SKIP
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if cases < 1:
+        raise ValueError(f"cases must be >= 1, got {cases}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = int(kw.get("size", 128))
+    smin, smax = kw.get("slices", (24, 36))
+    master = np.random.default_rng(seed)
+    case_seeds = master.integers(0, 2**31, size=cases)
+    for c in tqdm(range(cases), desc=f"synthesize {layout}", disable=not kw.get("progress", True)):
+        rng = np.random.default_rng(case_seeds[c])
+        ph = make_phantom(rng, size=size, slices=int(rng.integers(smin, smax + 1)))
+        if layout == "visceral":
+            _visceral_case(ph, out, f"{10000001 + c}_1_CTce_ThAb")
+        else:
+            _chaos_case(ph, out, layout, str(c + 1), reverse=(c % 2 == 1), seed=seed, kw=kw)
+    return out
