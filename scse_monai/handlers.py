@@ -1,0 +1,574 @@
+"""Ignite handlers for MONAI workflows: on-device Dice / Jaccard metrics, a per-case CSV saver, training curves.
+
+- :class:`SegmentationDice` / :class:`SegmentationJaccard` are ignite ``Metric`` s built on
+  :class:`scse_monai.metrics.SegmentationMetrics`, usable as a MONAI evaluator's ``key_val_metric`` or
+  ``additional_metrics``. The value is the mean over classes of the *global* (pooled) score; per-class values
+  go to ``engine.state.metrics["<name>_<class>"]`` (so MONAI's ``StatsHandler``, ``TensorBoardStatsHandler``,
+  ``MLFlowHandler`` and ``MetricsSaver`` log them unchanged) and the case x class table to
+  ``engine.state.metric_details[name]`` (MONAI's convention, read by ``MetricsSaver``).
+- :class:`PerCaseMetricsSaver` writes per-case, per-class Dice and Jaccard, a summary and a Dice box plot.
+- :class:`TrainingCurvePlotter` saves loss and validation-metric curves (PNG + CSV) during and after training.
+
+MONAI's ``StatsHandler``, ``TensorBoardStatsHandler``, ``MLFlowHandler``, ``CheckpointSaver`` and
+``MetricsSaver`` are meant to be used alongside; only what they lack is written here (see each class).
+
+Example bundle config (evaluator)::
+
+    "key_val_metric": {"val_mean_dice": {"_target_": "scse_monai.handlers.SegmentationDice",
+        "num_classes": 5, "class_names": "@class_names",
+        "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
+    "additional_metrics": {"val_mean_jaccard": {"_target_": "scse_monai.handlers.SegmentationJaccard",
+        "num_classes": 5, "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
+    "val_handlers": [{"_target_": "scse_monai.handlers.PerCaseMetricsSaver", "output_dir": "@output_dir",
+        "class_names": ["liver", "right_kidney", "left_kidney", "spleen"]}]
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from monai.handlers.utils import from_engine
+
+from scse_monai.metrics import SegmentationMetrics, case_name_from_meta
+
+__all__ = [
+    "PerCaseMetricsSaver",
+    "SegmentationDice",
+    "SegmentationJaccard",
+    "SegmentationMetric",
+    "TrainingCurvePlotter",
+    "batch_case_names",
+]
+
+_METRICS = ("dice", "jaccard")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if isinstance(v, float) and math.isnan(v) else _fmt(v) for v in row])
+    return buf.getvalue().encode("utf-8")
+
+
+def _fmt(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def _save_figure(fig: Any, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def _figure(ncols: int = 1, width: float = 6.0) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # headless; no-op if a backend is already in use
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, 4.5))  # not pyplot: no global state, thread-safe
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, axes
+
+
+def _name_of(item: Any) -> str | None:
+    """Name of one case from a ``MetaTensor`` or a meta dict."""
+    meta = getattr(item, "meta", item)
+    return (case_name_from_meta(meta, "") or None) if isinstance(meta, Mapping) else None
+
+
+def _names_from_meta(meta: Any, n: int) -> list[str | None]:
+    """Names of ``n`` cases from a collated meta dict (``filename_or_obj`` is a list of ``n``)."""
+    if not isinstance(meta, Mapping):
+        return [None] * n
+    fn = meta.get("filename_or_obj")
+    if isinstance(fn, (list, tuple)) and len(fn) == n:
+        return [_name_of({"filename_or_obj": f}) for f in fn]
+    return [_name_of(meta)] if n == 1 else [None] * n
+
+
+def _names_from(data: Any, n: int) -> list[str | None]:
+    """Case names from a batched ``MetaTensor`` or a list of per-case ``MetaTensor`` s."""
+    if isinstance(data, torch.Tensor):
+        return _names_from_meta(getattr(data, "meta", None), n)
+    if isinstance(data, Sequence) and len(data) == n:
+        return [_name_of(d) for d in data]
+    return [None] * n
+
+
+def batch_case_names(y_pred: Any, y: Any = None, batch: Any = None, key: str = "image") -> list[str | None]:
+    """Case names of one iteration, from the prediction's, the label's or the input batch's meta data.
+
+    MONAI post transforms copy the image meta (``filename_or_obj``) to ``pred``; the decollated
+    ``engine.state.batch`` (list of dicts) or a collated one (dict) is the fallback, through
+    ``batch[key].meta`` or ``batch[f"{key}_meta_dict"]``.
+
+    Args:
+        y_pred: batched tensor or list of per-case tensors.
+        y: the same for the labels (optional).
+        batch: ``engine.state.batch`` (optional).
+        key: the image key in the batch.
+
+    Returns:
+        one name (or ``None``) per case.
+
+    Example::
+
+        >>> from monai.data import MetaTensor
+        >>> batch_case_names([MetaTensor(torch.zeros(1, 2, 2), meta={"filename_or_obj": "d/p01.nii.gz"})])
+        ['p01']
+    """
+    n = y_pred.shape[0] if isinstance(y_pred, torch.Tensor) else len(y_pred)
+    names = _names_from(y_pred, n)
+    if not all(names) and y is not None:
+        names = [a or b for a, b in zip(names, _names_from(y, n), strict=True)]
+    if not all(names) and batch is not None:
+        if isinstance(batch, Mapping):
+            image = batch.get(key)
+            other = (
+                _names_from(image, n)
+                if isinstance(getattr(image, "meta", None), Mapping)
+                else _names_from_meta(batch.get(f"{key}_meta_dict"), n)
+            )
+        elif isinstance(batch, Sequence) and len(batch) == n and all(isinstance(b, Mapping) for b in batch):
+            other = [_name_of(b.get(key)) or _name_of(b.get(f"{key}_meta_dict")) for b in batch]
+        else:
+            other = [None] * n
+        names = [a or b for a, b in zip(names, other, strict=True)]
+    return names
+
+
+def _resolve_classes(
+    class_names: Sequence[str] | Mapping[Any, str] | None, num_classes: int | None, include_background: bool
+) -> tuple[int, list[str]]:
+    """``(num_classes, labels of the reported classes)`` from a list or a ``{"index": name}`` mapping."""
+    first = 0 if include_background else 1
+    if isinstance(class_names, Mapping):
+        by_index = {int(k): str(v) for k, v in class_names.items()}
+        n = max(by_index) + 1 if num_classes is None else num_classes
+        return n, [by_index.get(c, f"class{c}") for c in range(first, n)]
+    if class_names is not None:
+        names = [str(c) for c in class_names]
+        n = len(names) + first if num_classes is None else num_classes
+        if len(names) == n and not include_background:  # the list includes the background: drop it
+            names = names[1:]
+        if len(names) != n - first:
+            raise ValueError(
+                f"class_names has {len(class_names)} entries; expected {n - first} (the reported classes) "
+                f"for num_classes={n}, include_background={include_background}."
+            )
+        return n, names
+    if num_classes is None:
+        raise ValueError("give num_classes or class_names.")
+    return num_classes, [f"class{c}" for c in range(first, num_classes)]
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
+    return metric
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+class SegmentationMetric(Metric):
+    """Ignite metric: mean over classes of the global (pooled) Dice or Jaccard, counted on device.
+
+    Differences from ``monai.handlers.MeanDice`` (why this exists): pooled counts (the SE papers' global
+    Dice) instead of a mean of per-case scores, label maps accepted without one-hot expansion, Jaccard from the
+    same counts, per-class values published as separate scalars, and several times faster.
+
+    Args:
+        num_classes: number of classes including background; may be omitted when ``class_names`` is a
+            mapping that covers every label.
+        include_background: report class 0 too.
+        metric: ``"dice"`` or ``"jaccard"``.
+        class_names: names of the reported classes (list) or ``{"label index": name}`` (e.g. a bundle's
+            ``channel_def``); used for the per-class keys ``"<name>_<class>"``; default ``class<i>``.
+        per_class: also put each class's value in ``engine.state.metrics``.
+        save_details: put the case x class table into ``engine.state.metric_details[name]`` (float64 tensor,
+            NaN where the class is absent from prediction and label of a case).
+        output_transform: maps ``engine.state.output`` to ``(y_pred, y)``: batched tensors or lists of per-case
+            ``(1 or C, ...)`` tensors (``monai.handlers.from_engine(["pred", "label"])``).
+
+    Example::
+
+        >>> metric = SegmentationDice(num_classes=3)
+        >>> metric.update((torch.tensor([[[0, 1, 2, 2]]]), torch.tensor([[[0, 1, 2, 1]]])))
+        >>> round(metric.compute(), 4)
+        0.6667
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        include_background: bool = False,
+        metric: str = "dice",
+        class_names: Sequence[str] | Mapping[Any, str] | None = None,
+        per_class: bool = True,
+        save_details: bool = True,
+        output_transform: Callable = lambda x: x,
+    ) -> None:
+        self.metric = _check_metric(metric)
+        self.num_classes, self.class_labels = _resolve_classes(class_names, num_classes, include_background)
+        self.include_background = include_background
+        self.per_class = per_class
+        self.save_details = save_details
+        self._engine: Engine | None = None
+        self._name: str | None = None
+        self.last_result: dict[str, Any] | None = None
+        self._counter = SegmentationMetrics(self.num_classes, include_background)
+        # unrolling by ignite would drop the per-case meta data used for case names: lists are handled here
+        super().__init__(output_transform=output_transform, skip_unrolling=True)
+
+    def reset(self) -> None:
+        self._counter.reset()
+        self.last_result = None
+
+    def update(self, output: Sequence[Any]) -> None:
+        if len(output) != 2:
+            raise ValueError(f"{type(self).__name__}: output_transform must give (y_pred, y), got {len(output)} items.")
+        y_pred, y = output
+        batch = self._engine.state.batch if self._engine is not None else None
+        self._counter.update(y_pred, y, names=batch_case_names(y_pred, y, batch))
+
+    def compute(self) -> float:
+        """Mean global score; the full result dict of :class:`SegmentationMetrics` is kept in ``last_result``."""
+        if len(self._counter) == 0 and idist.get_world_size() == 1:
+            from ignite.exceptions import NotComputableError
+
+            raise NotComputableError(f"{type(self).__name__} must have at least one case before compute().")
+        self.last_result = self._counter.compute()
+        return float(self.last_result[f"mean_{self.metric}"])
+
+    def completed(self, engine: Engine, name: str) -> None:
+        value = self.compute()
+        result = self.last_result
+        assert result is not None
+        engine.state.metrics[name] = value
+        if self.per_class:
+            for label, v in zip(self.class_labels, result[self.metric].tolist(), strict=True):
+                engine.state.metrics[f"{name}_{label}"] = float(v)
+        if self.save_details:
+            if not hasattr(engine.state, "metric_details"):
+                engine.state.metric_details = {}
+            engine.state.metric_details[name] = result[f"case_{self.metric}"]
+
+    def attach(self, engine: Engine, name: str, *args: Any, **kwargs: Any) -> None:
+        super().attach(engine, name, *args, **kwargs)
+        self._engine = engine
+        self._name = name
+        if self.save_details and not hasattr(engine.state, "metric_details"):
+            engine.state.metric_details = {}
+
+
+class SegmentationDice(SegmentationMetric):
+    """:class:`SegmentationMetric` with ``metric="dice"``: mean global Dice, per-class Dice, per-case table."""
+
+    def __init__(self, num_classes: int | None = None, include_background: bool = False, **kwargs: Any) -> None:
+        super().__init__(num_classes, include_background, metric="dice", **kwargs)
+
+
+class SegmentationJaccard(SegmentationMetric):
+    """:class:`SegmentationMetric` with ``metric="jaccard"``: mean global Jaccard (IoU), per class, per case."""
+
+    def __init__(self, num_classes: int | None = None, include_background: bool = False, **kwargs: Any) -> None:
+        super().__init__(num_classes, include_background, metric="jaccard", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- savers
+class PerCaseMetricsSaver:
+    """At an evaluator's ``EPOCH_COMPLETED``, write per-case Dice / Jaccard CSV, a summary CSV and a box plot.
+
+    Files in ``output_dir`` (replaced atomically each time; written by rank 0 only, after all ranks' cases are
+    gathered):
+
+    - ``<prefix>_per_case.csv``: ``case, dice_<class>..., jaccard_<class>...`` (empty cell = class absent from
+      both prediction and label of that case);
+    - ``<prefix>_summary.csv``: one row per class (and a ``mean`` row over classes): mean / std / median over
+      cases (NaN cases left out; population std, as MONAI's ``MetricsSaver``), number of cases scored, and the
+      global (pooled) Dice / Jaccard;
+    - ``<prefix>_dice_boxplot.png``: per-class Dice distribution over cases.
+
+    Why not ``monai.handlers.MetricsSaver``: it writes one metric's details at a time with generic
+    ``class0..`` headers, no pooled score, no plot, and not atomically.
+
+    The handler counts on its own (same on-device counting as :class:`SegmentationDice`; cheap), so it does not
+    depend on which metrics the evaluator has.
+
+    Args:
+        output_dir: folder for the files (created).
+        class_names: names of the reported classes, a list (foreground classes, or all classes when
+            ``include_background``) or ``{"label index": name}``.
+        filename_prefix: file name prefix.
+        num_classes: number of classes including background; default from ``class_names``.
+        include_background: report class 0 too.
+        output_transform: ``engine.state.output`` -> ``(y_pred, y)`` (default ``from_engine(["pred", "label"])``).
+        image_key: batch key whose meta data names the case (``filename_or_obj``), if ``pred`` has none.
+        boxplot: also write the PNG.
+
+    Example::
+
+        >>> saver = PerCaseMetricsSaver("eval_out", class_names=["liver", "right_kidney", "left_kidney", "spleen"])
+        >>> saver.attach(evaluator)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        class_names: Sequence[str] | Mapping[Any, str],
+        filename_prefix: str = "metrics",
+        num_classes: int | None = None,
+        include_background: bool = False,
+        output_transform: Callable | None = None,
+        image_key: str = "image",
+        boxplot: bool = True,
+    ) -> None:
+        self.output_dir = str(output_dir)
+        self.num_classes, self.class_labels = _resolve_classes(class_names, num_classes, include_background)
+        self.filename_prefix = filename_prefix
+        self.output_transform = output_transform or from_engine(["pred", "label"])
+        self.image_key = image_key
+        self.boxplot = boxplot
+        self._counter = SegmentationMetrics(self.num_classes, include_background)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._counter.reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+
+    @torch.no_grad()
+    def _update(self, engine: Engine) -> None:
+        y_pred, y = self.output_transform(engine.state.output)
+        self._counter.update(y_pred, y, names=batch_case_names(y_pred, y, engine.state.batch, self.image_key))
+
+    def _save(self, engine: Engine) -> None:
+        result = self._counter.compute()  # collective under DDP: every rank takes part
+        if idist.get_rank() == 0:
+            self.write(result)
+
+    def paths(self) -> dict[str, str]:
+        """Paths of the files this saver writes."""
+        p = os.path.join(self.output_dir, self.filename_prefix)
+        return {"per_case": f"{p}_per_case.csv", "summary": f"{p}_summary.csv", "boxplot": f"{p}_dice_boxplot.png"}
+
+    def write(self, result: Mapping[str, Any]) -> dict[str, str]:
+        """Write the files from a :meth:`SegmentationMetrics.compute` result; returns their paths."""
+        paths = self.paths()
+        labels = self.class_labels
+        case_dice = np.asarray(result["case_dice"], dtype=np.float64)
+        case_jac = np.asarray(result["case_jaccard"], dtype=np.float64)
+        header = ["case"] + [f"dice_{c}" for c in labels] + [f"jaccard_{c}" for c in labels]
+        rows = [
+            [name, *map(float, d), *map(float, j)]
+            for name, d, j in zip(result["case_names"], case_dice, case_jac, strict=True)
+        ]
+        _atomic_write_bytes(paths["per_case"], _csv_bytes(header, rows))
+
+        def stats(a: np.ndarray) -> list[float]:
+            valid = a[~np.isnan(a)]
+            if valid.size == 0:
+                return [math.nan, math.nan, math.nan]
+            return [float(valid.mean()), float(valid.std()), float(np.median(valid))]
+
+        summary = []
+        glob_d = np.asarray(result["dice"], dtype=np.float64)
+        glob_j = np.asarray(result["jaccard"], dtype=np.float64)
+        for k, label in enumerate(labels):
+            n = int((~np.isnan(case_dice[:, k])).sum())
+            summary.append([label, *stats(case_dice[:, k]), *stats(case_jac[:, k]), n, glob_d[k], glob_j[k]])
+        # "mean" row: per case, the mean over the classes scored in that case
+        with np.errstate(all="ignore"):
+            case_mean_d = _row_nanmean(case_dice)
+            case_mean_j = _row_nanmean(case_jac)
+        summary.append(
+            ["mean", *stats(case_mean_d), *stats(case_mean_j), int((~np.isnan(case_mean_d)).sum()),
+             float(result["mean_dice"]), float(result["mean_jaccard"])]
+        )  # fmt: skip
+        header = ["class", "dice_mean", "dice_std", "dice_median", "jaccard_mean", "jaccard_std", "jaccard_median"]
+        header += ["n_cases", "global_dice", "global_jaccard"]
+        _atomic_write_bytes(paths["summary"], _csv_bytes(header, [[r[0], *map(_to_float, r[1:])] for r in summary]))
+        if self.boxplot:
+            fig, (ax,) = _figure(width=max(5.0, 1.2 * len(labels)))
+            data = [case_dice[~np.isnan(case_dice[:, k]), k] for k in range(len(labels))]
+            ax.boxplot(data, showmeans=True)
+            ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30 if len(labels) > 5 else 0)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel("Dice per case")
+            ax.set_title(f"Dice over {case_dice.shape[0]} cases (mean global Dice {float(result['mean_dice']):.3f})")
+            ax.grid(axis="y", alpha=0.3)
+            _save_figure(fig, paths["boxplot"])
+        else:
+            paths.pop("boxplot")
+        return paths
+
+
+def _to_float(v: Any) -> Any:
+    return v if isinstance(v, int) else float(v)
+
+
+def _row_nanmean(a: np.ndarray) -> np.ndarray:
+    valid = ~np.isnan(a)
+    counts = valid.sum(1)
+    sums = np.where(valid, a, 0.0).sum(1)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+class TrainingCurvePlotter:
+    """Save training-loss and validation-metric curves (PNG + CSV) every N epochs and when training completes.
+
+    MONAI's ``TensorBoardStatsHandler`` / ``MLFlowHandler`` log the same numbers to a tracking server; this
+    handler leaves plain files next to the checkpoints, which is what people open after a run (no server).
+
+    The mean training loss of each epoch is accumulated on device (no per-iteration ``.item()``). Validation
+    metrics are read from ``evaluator.state.metrics`` each time the evaluator completes (numbers only, e.g. the
+    key metric and the ``<name>_<class>`` entries of :class:`SegmentationDice`). When the trainer resumes from
+    a checkpoint, the rows of earlier epochs are read back from the CSV. Only rank 0 writes.
+
+    Files: ``<prefix>.csv`` (``epoch, loss, <metric>...``) and ``<prefix>.png`` (loss left, metrics right).
+
+    Args:
+        output_dir: folder for the files (created).
+        evaluator: the validation engine (``@validate#evaluator`` in a bundle); optional.
+        metric_names: which evaluator metrics to record; default all numeric ones.
+        every_n_epochs: also save after every N trainer epochs (0: only at ``COMPLETED``).
+        loss_transform: ``engine.state.output`` -> loss (default ``from_engine(["loss"], first=True)``).
+        filename_prefix: file name prefix.
+
+    Example::
+
+        >>> plotter = TrainingCurvePlotter("runs/exp1", evaluator=evaluator, every_n_epochs=5)  # doctest: +SKIP
+        >>> plotter.attach(trainer)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        evaluator: Engine | None = None,
+        metric_names: Sequence[str] | None = None,
+        every_n_epochs: int = 1,
+        loss_transform: Callable | None = None,
+        filename_prefix: str = "training_curves",
+    ) -> None:
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be an integer >= 0, got {every_n_epochs!r}.")
+        self.output_dir = str(output_dir)
+        self.evaluator = evaluator
+        self.metric_names = list(metric_names) if metric_names is not None else None
+        self.every_n_epochs = every_n_epochs
+        self.loss_transform = loss_transform or from_engine(["loss"], first=True)
+        self.filename_prefix = filename_prefix
+        self.history: dict[int, dict[str, float]] = {}
+        self._trainer: Engine | None = None
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_n = 0
+
+    @property
+    def csv_path(self) -> str:
+        return os.path.join(self.output_dir, f"{self.filename_prefix}.csv")
+
+    @property
+    def png_path(self) -> str:
+        return os.path.join(self.output_dir, f"{self.filename_prefix}.png")
+
+    def attach(self, engine: Engine) -> None:
+        self._trainer = engine
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.save())
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.COMPLETED, self._validated)
+
+    def _started(self, engine: Engine) -> None:
+        # resumed run: keep the curves of the epochs already done
+        if engine.state.epoch > 0 and not self.history and os.path.isfile(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                for row in csv.DictReader(f):
+                    epoch = int(row.pop("epoch"))
+                    if epoch <= engine.state.epoch:
+                        self.history[epoch] = {k: float(v) for k, v in row.items() if v not in ("", None)}
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._loss_sum, self._loss_n = None, 0
+
+    def _iteration(self, engine: Engine) -> None:
+        loss = self.loss_transform(engine.state.output)
+        if loss is None:
+            return
+        loss = torch.as_tensor(loss).detach().float().mean()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_n += 1
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        if self._loss_sum is not None and self._loss_n:
+            self.history.setdefault(engine.state.epoch, {})["loss"] = float(self._loss_sum) / self._loss_n
+        if self.every_n_epochs and engine.state.epoch % self.every_n_epochs == 0:
+            self.save()
+
+    def _validated(self, evaluator: Engine) -> None:
+        epoch = self._trainer.state.epoch if self._trainer is not None else evaluator.state.epoch
+        row = self.history.setdefault(epoch, {})
+        for k, v in evaluator.state.metrics.items():
+            if (self.metric_names is None or k in self.metric_names) and isinstance(v, (int, float, np.number)):
+                row[k] = float(v)
+            elif self.metric_names is not None and k in self.metric_names and isinstance(v, torch.Tensor):
+                if v.numel() == 1:
+                    row[k] = float(v)
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and self._trainer is not None:
+            self.save()
+
+    def save(self) -> None:
+        """Write the CSV and PNG now (rank 0 only; nothing when no epoch was recorded)."""
+        if idist.get_rank() != 0 or not self.history:
+            return
+        epochs = sorted(self.history)
+        metrics = sorted({k for e in epochs for k in self.history[e] if k != "loss"})
+        rows = [[e, *(self.history[e].get(k, math.nan) for k in ["loss", *metrics])] for e in epochs]
+        _atomic_write_bytes(self.csv_path, _csv_bytes(["epoch", "loss", *metrics], rows))
+        fig, (ax_loss, ax_metric) = _figure(ncols=2)
+        pts = [(e, self.history[e]["loss"]) for e in epochs if "loss" in self.history[e]]
+        if pts:
+            ax_loss.plot(*zip(*pts, strict=True), marker="o", ms=3)
+        ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+        for k in metrics:
+            pts = [(e, self.history[e][k]) for e in epochs if k in self.history[e]]
+            ax_metric.plot(*zip(*pts, strict=True), marker="o", ms=3, label=k)
+        ax_metric.set(xlabel="epoch", ylabel="validation metric", title="Validation metrics")
+        if metrics:
+            ax_metric.legend(fontsize="small")
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in (ax_loss, ax_metric):
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _save_figure(fig, self.png_path)

@@ -1,0 +1,286 @@
+"""On-device Dice / Jaccard accumulation for multi-class segmentation, per case and pooled.
+
+:class:`SegmentationMetrics` keeps, for every case seen since :meth:`~SegmentationMetrics.reset`, three voxel
+counts per class: the intersection ``|P_c & T_c|``, the prediction size ``|P_c|`` and the target size ``|T_c|``.
+From them it derives
+
+- the *global* (pooled) Dice and Jaccard per class, summing the counts over every voxel of every case: the
+  "global Dice" the SE papers (Roy et al., MICCAI 2018 / TMI 2019) report;
+- the per-case Dice and Jaccard (case x class), with ``NaN`` where a class is absent from both the prediction
+  and the target of that case (there is nothing to score; the value is left out of per-class means, medians
+  and standard deviations by ``nan``-aware reductions).
+
+Why not ``monai.metrics.DiceMetric``: it needs one-hot ``(B, C, ...)`` float inputs (or expands label maps to
+them internally), stores per-case *scores* rather than counts (so no pooled Dice), and has no Jaccard. Counting
+label maps directly is a single ``scatter_add_`` over a ``B x C x C`` confusion matrix, several times faster
+(see ``benchmarks/bench_metrics.py``), and the counts stay on the input's device until :meth:`compute`: there is
+no ``.item()`` / ``.cpu()`` (no host synchronisation) per update.
+
+Under ``torch.distributed`` (through :mod:`ignite.distributed`), :meth:`compute` gathers the per-case rows (and
+case names) of all ranks, so the pooled counts are the all-reduced sum and every rank's cases appear.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+
+__all__ = ["SegmentationMetrics", "case_name_from_meta", "dice_jaccard_from_counts"]
+
+
+def dice_jaccard_from_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice and Jaccard from ``(..., 3)`` counts ``[intersection, prediction, target]``.
+
+    Both are ``NaN`` where prediction and target are empty (``prediction + target == 0``).
+
+    Args:
+        counts: integer or float tensor whose last dimension holds intersection, prediction and target sizes.
+
+    Returns:
+        ``(dice, jaccard)``, float64 tensors of shape ``counts.shape[:-1]``.
+
+    Example::
+
+        >>> dice_jaccard_from_counts(torch.tensor([[2, 3, 3], [0, 0, 0]]))
+        (tensor([0.6667,    nan], dtype=torch.float64), tensor([0.5000,    nan], dtype=torch.float64))
+    """
+    c = counts.to(torch.float64)
+    inter, pred, target = c[..., 0], c[..., 1], c[..., 2]
+    size_sum = pred + target
+    nan = torch.full_like(size_sum, math.nan)
+    empty = size_sum == 0
+    dice = torch.where(empty, nan, 2.0 * inter / size_sum.clamp_min(1))
+    jaccard = torch.where(empty, nan, inter / (size_sum - inter).clamp_min(1))
+    return dice, jaccard
+
+
+def case_name_from_meta(meta: Any, default: str) -> str:
+    """Case name from a MONAI meta dict (``filename_or_obj``): the file or folder name without extensions.
+
+    Args:
+        meta: a ``MetaTensor.meta`` / ``*_meta_dict`` mapping, or ``None``.
+        default: returned when no file name is found.
+
+    Example::
+
+        >>> case_name_from_meta({"filename_or_obj": "/data/imagesTs/case_007.nii.gz"}, "case_0")
+        'case_007'
+    """
+    if not isinstance(meta, dict) and not hasattr(meta, "get"):
+        return default
+    name = meta.get("filename_or_obj")
+    if isinstance(name, (list, tuple)):  # a collated (batched) meta dict holds one entry per case
+        name = name[0] if len(name) == 1 else None
+    if not isinstance(name, (str, os.PathLike)) or not str(name):
+        return default
+    base = os.path.basename(os.path.normpath(str(name)))
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".npy", ".npz", ".png", ".gz"):
+        if base.lower().endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+class SegmentationMetrics:
+    """Accumulate per-case, per-class voxel counts on device; derive global and per-case Dice / Jaccard.
+
+    Args:
+        num_classes: number of classes **including** the background (label values ``0 .. num_classes - 1``);
+            at least 2.
+        include_background: whether class 0 is reported. The background is always counted (it is part of
+            the one-hot / label map), only left out of the results when False.
+
+    ``update(y_pred, y)`` takes, for each of ``y_pred`` and ``y`` independently,
+
+    - a label map ``(B, 1, *spatial)`` (integer or float class indices), or
+    - a one-hot / multi-label mask ``(B, num_classes, *spatial)`` (any dtype, nonzero = inside), or
+    - a sequence of per-case ``(1 or C, *spatial)`` tensors (MONAI's decollated batches; the cases may have
+      different spatial shapes).
+
+    ``compute()`` returns a dict with float64 CPU tensors / floats:
+
+    - ``"classes"``: the reported class indices (``1 .. C-1`` without background);
+    - ``"dice"``, ``"jaccard"``: ``(K,)`` per class, from counts pooled over every case (global Dice);
+      ``NaN`` for a class never present in any prediction or target;
+    - ``"mean_dice"``, ``"mean_jaccard"``: mean of the above over the classes that are not ``NaN``;
+    - ``"case_dice"``, ``"case_jaccard"``: ``(N, K)`` per case, ``NaN`` where the class is absent from both
+      the case's prediction and target;
+    - ``"counts"``: ``(N, K, 3)`` int64 per-case ``[intersection, prediction, target]``;
+    - ``"case_names"``: ``N`` names (given to ``update`` or ``"case_<i>"``).
+
+    Label values outside ``[0, num_classes)`` are counted apart (without a device sync) and make
+    :meth:`compute` raise ``ValueError``.
+
+    Example::
+
+        >>> m = SegmentationMetrics(num_classes=3)
+        >>> m.update(torch.tensor([[[0, 1, 2, 2]]]), torch.tensor([[[0, 1, 2, 1]]]))
+        >>> r = m.compute()
+        >>> r["dice"], r["mean_dice"]
+        (tensor([0.6667, 0.6667], dtype=torch.float64), 0.6666666666666666)
+    """
+
+    def __init__(self, num_classes: int, include_background: bool = False) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}.")
+        self.num_classes = num_classes
+        self.include_background = bool(include_background)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every case seen so far."""
+        self._rows: list[torch.Tensor] = []
+        self._names: list[str | None] = []
+        self._invalid: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        """Number of cases accumulated on this process."""
+        return len(self._names)
+
+    # ------------------------------------------------------------------ counting
+    def _label_map(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        if x.shape[1] != 1:
+            raise ValueError(
+                f"{what} must have 1 channel (label map) or num_classes={self.num_classes} channels (one-hot), "
+                f"got shape {tuple(x.shape)}."
+            )
+        return x.flatten(1).long() if x.is_floating_point() else x.flatten(1).to(torch.int64)
+
+    def _count_invalid(self, labels: torch.Tensor) -> torch.Tensor:
+        """Mask of out-of-range labels; their number is accumulated lazily (no host sync)."""
+        bad = (labels < 0) | (labels >= self.num_classes)
+        n_bad = bad.sum()
+        self._invalid = n_bad if self._invalid is None else self._invalid + n_bad
+        return bad
+
+    def _counts_from_labels(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # One scatter_add_ into a per-case C x C confusion matrix: a single pass over the voxels instead of C
+        # comparisons (and no one-hot expansion, which MONAI's DiceMetric needs). torch.bincount is avoided
+        # because on CUDA it synchronises with the host to size its output.
+        b, c = pred.shape[0], self.num_classes
+        bad = self._count_invalid(pred) | self._count_invalid(target)
+        idx = target * c + pred + torch.arange(b, device=pred.device).unsqueeze(1) * (c * c)
+        idx = torch.where(bad, torch.full_like(idx, b * c * c), idx)  # out-of-range voxels go to a dump bin
+        cm = torch.zeros(b * c * c + 1, dtype=torch.int64, device=pred.device)
+        cm.scatter_add_(0, idx.reshape(-1), torch.ones(1, dtype=torch.int64, device=pred.device).expand(idx.numel()))
+        cm = cm[:-1].view(b, c, c)  # [case, target class, predicted class]
+        return torch.stack([cm.diagonal(dim1=1, dim2=2), cm.sum(1), cm.sum(2)], dim=-1)
+
+    def _mask(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        if x.shape[1] == self.num_classes:
+            return x.flatten(2) != 0
+        labels = self._label_map(x, what)
+        self._count_invalid(labels)
+        return labels.unsqueeze(1) == torch.arange(self.num_classes, device=x.device).view(1, -1, 1)
+
+    def _counts(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y_pred.ndim < 3 or y.ndim != y_pred.ndim:
+            raise ValueError(
+                f"y_pred and y must both be (B, 1 or C, *spatial); got shapes {tuple(y_pred.shape)} and "
+                f"{tuple(y.shape)}."
+            )
+        if y_pred.shape[0] != y.shape[0] or y_pred.shape[2:] != y.shape[2:]:
+            raise ValueError(
+                f"y_pred and y differ in batch or spatial size: {tuple(y_pred.shape)} vs {tuple(y.shape)}."
+            )
+        # plain tensors: MetaTensor bookkeeping slows every op down and the meta data is not needed here
+        y_pred, y = y_pred.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)
+        if y.device != y_pred.device:
+            y = y.to(y_pred.device, non_blocking=True)
+        c = self.num_classes
+        if y_pred.shape[1] != c and y.shape[1] != c:
+            return self._counts_from_labels(self._label_map(y_pred, "y_pred"), self._label_map(y, "y"))
+        p, t = self._mask(y_pred, "y_pred"), self._mask(y, "y")
+        return torch.stack([(p & t).sum(2), p.sum(2), t.sum(2)], dim=-1)
+
+    def update(
+        self,
+        y_pred: torch.Tensor | Sequence[torch.Tensor],
+        y: torch.Tensor | Sequence[torch.Tensor],
+        names: Sequence[str | None] | None = None,
+    ) -> None:
+        """Count a batch (or a list of per-case tensors) of predictions against targets.
+
+        Args:
+            y_pred: predicted label map ``(B, 1, ...)`` or one-hot ``(B, C, ...)``, or a sequence of per-case
+                ``(1 or C, ...)`` tensors.
+            y: ground truth, same conventions (may use the other encoding than ``y_pred``).
+            names: optional case names, one per case, used in :meth:`compute`'s ``"case_names"``.
+        """
+        if isinstance(y_pred, torch.Tensor) != isinstance(y, torch.Tensor):
+            raise TypeError("y_pred and y must both be tensors or both be sequences of per-case tensors.")
+        if isinstance(y_pred, torch.Tensor):
+            rows = self._counts(torch.as_tensor(y_pred), torch.as_tensor(y))
+        else:
+            if len(y_pred) != len(y):
+                raise ValueError(f"y_pred has {len(y_pred)} cases but y has {len(y)}.")
+            if len(y_pred) == 0:
+                return
+            rows = torch.cat([self._counts(p.unsqueeze(0), t.unsqueeze(0)) for p, t in zip(y_pred, y, strict=True)])
+        n = rows.shape[0]
+        if names is None:
+            names = [None] * n
+        elif len(names) != n:
+            raise ValueError(f"got {len(names)} names for {n} cases.")
+        self._rows.append(rows)
+        self._names.extend(names)
+
+    # ------------------------------------------------------------------ results
+    def _gathered(self) -> tuple[torch.Tensor, list[str | None], int]:
+        """Per-case rows and names of all ranks (rank order), and the number of out-of-range voxels."""
+        c = self.num_classes
+        device = self._rows[0].device if self._rows else idist.device()
+        rows = torch.cat(self._rows) if self._rows else torch.zeros(0, c, 3, dtype=torch.int64, device=device)
+        invalid = self._invalid if self._invalid is not None else torch.zeros((), dtype=torch.int64, device=device)
+        names = list(self._names)
+        if idist.get_world_size() > 1:
+            # Ranks may hold different numbers of cases (e.g. DistributedSampler(even_divisible=False)): pad to
+            # the largest, all_gather, strip the padding again.
+            comm_device = idist.device()
+            sizes = [int(s) for s in idist.all_gather(torch.tensor([rows.shape[0]], device=comm_device)).tolist()]
+            padded = torch.zeros(max(sizes), c, 3, dtype=torch.int64, device=comm_device)
+            padded[: rows.shape[0]] = rows.to(comm_device)
+            everything = idist.all_gather(padded).view(len(sizes), max(sizes), c, 3)
+            rows = torch.cat([everything[r, :s] for r, s in enumerate(sizes)])
+            invalid = idist.all_reduce(invalid.to(comm_device).reshape(1)).sum()
+            names = [n for rank_names in idist.all_gather(names) for n in rank_names]
+        return rows, names, int(invalid)
+
+    def compute(self) -> dict[str, Any]:
+        """Gather (under DDP) and turn the counts into scores; see the class docstring for the keys.
+
+        Raises:
+            ValueError: if no case was accumulated or some label was outside ``[0, num_classes)``.
+        """
+        rows, names, invalid = self._gathered()
+        if invalid:
+            raise ValueError(
+                f"{invalid} voxels of y_pred / y have label values outside [0, {self.num_classes}); "
+                "check num_classes and the label maps."
+            )
+        if rows.shape[0] == 0:
+            raise ValueError("SegmentationMetrics.compute() called before any update().")
+        first = 0 if self.include_background else 1
+        rows = rows[:, first:].cpu()
+        dice, jaccard = dice_jaccard_from_counts(rows.sum(0))
+        case_dice, case_jaccard = dice_jaccard_from_counts(rows)
+        return {
+            "classes": list(range(first, self.num_classes)),
+            "dice": dice,
+            "jaccard": jaccard,
+            "mean_dice": _nanmean(dice),
+            "mean_jaccard": _nanmean(jaccard),
+            "case_dice": case_dice,
+            "case_jaccard": case_jaccard,
+            "counts": rows,
+            "case_names": [n if n else f"case_{i}" for i, n in enumerate(names)],
+        }
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    valid = ~torch.isnan(x)
+    return float(x[valid].mean()) if bool(valid.any()) else math.nan
