@@ -148,7 +148,8 @@ def test_cli_prepare_and_preview(chaos_raw, tmp_path, capsys):
     assert main(["prepare", "chaos", "--root", str(chaos_raw.parent), "--task", "mr-t2spir", "--out", str(out),
                  "--folds", "2", "--workers", "1"]) == 0  # fmt: skip
     png = tmp_path / "p.png"
-    assert main(["preview", "--datalist", str(out / "datalist.json"), "--case", "chaos_mr_t2_02", "--out", str(png)]) == 0
+    datalist = str(out / "datalist.json")
+    assert main(["preview", "--datalist", datalist, "--case", "chaos_mr_t2_02", "--out", str(png)]) == 0
     assert Image.open(png).size[0] > 300
-    assert main(["preview", "--datalist", str(out / "datalist.json"), "--case", "nope", "--out", str(png)]) == 2
+    assert main(["preview", "--datalist", datalist, "--case", "nope", "--out", str(png)]) == 2
     assert "case 'nope' not in datalist" in capsys.readouterr().err
