@@ -41,7 +41,8 @@ def organ_labels(metadata: Mapping, output_key: str | None = None) -> dict[int, 
         ValueError: the metadata has no ``channel_def`` for that output, or names an organ without a code here.
 
     Example:
-        >>> organ_labels({"network_data_format": {"outputs": {"pred": {"channel_def": {"0": "background", "1": "liver"}}}}})
+        >>> meta = {"network_data_format": {"outputs": {"pred": {"channel_def": {"0": "background", "1": "liver"}}}}}
+        >>> organ_labels(meta)
         {1: 'liver'}
     """
     outputs = metadata.get("network_data_format", {}).get("outputs", {})
