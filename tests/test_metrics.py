@@ -1,0 +1,219 @@
+"""Tests for scse_monai.metrics.SegmentationMetrics against numpy, MONAI's DiceMetric and a 2-rank gloo run."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+
+from scse_monai.metrics import SegmentationMetrics, case_name_from_meta
+
+C = 4
+
+
+def _labels(seed: int, shape=(3, 1, 12, 10, 6), c: int = C) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random target and a prediction that agrees with it on about 60% of the voxels."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, shape, generator=g)
+    noise = torch.randint(0, c, shape, generator=g)
+    keep = torch.rand(shape, generator=g) < 0.6
+    return torch.where(keep, y, noise), y
+
+
+def _numpy_counts(pred: np.ndarray, target: np.ndarray, c: int) -> np.ndarray:
+    """(cases, classes, 3) [intersection, prediction, target] with plain numpy, one case and class at a time."""
+    out = np.zeros((pred.shape[0], c, 3), dtype=np.int64)
+    for b in range(pred.shape[0]):
+        for k in range(c):
+            p, t = pred[b] == k, target[b] == k
+            out[b, k] = [np.logical_and(p, t).sum(), p.sum(), t.sum()]
+    return out
+
+
+def _numpy_scores(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    i, p, t = counts[..., 0].astype(float), counts[..., 1].astype(float), counts[..., 2].astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(p + t > 0, 2 * i / (p + t), np.nan), np.where(p + t > 0, i / (p + t - i), np.nan)
+
+
+@pytest.mark.parametrize("include_background", [False, True])
+def test_agrees_with_numpy(include_background):
+    m = SegmentationMetrics(C, include_background=include_background)
+    preds, targets = [], []
+    for seed in range(3):  # several updates: counts accumulate
+        p, y = _labels(seed)
+        m.update(p, y)
+        preds.append(p.numpy()[:, 0])
+        targets.append(y.numpy()[:, 0])
+    r = m.compute()
+    counts = _numpy_counts(np.concatenate(preds), np.concatenate(targets), C)
+    first = 0 if include_background else 1
+    counts = counts[:, first:]
+    case_d, case_j = _numpy_scores(counts)
+    glob_d, glob_j = _numpy_scores(counts.sum(0))
+    assert r["classes"] == list(range(first, C))
+    np.testing.assert_array_equal(r["counts"].numpy(), counts)
+    np.testing.assert_allclose(r["case_dice"].numpy(), case_d)
+    np.testing.assert_allclose(r["case_jaccard"].numpy(), case_j)
+    np.testing.assert_allclose(r["dice"].numpy(), glob_d)
+    np.testing.assert_allclose(r["jaccard"].numpy(), glob_j)
+    assert r["mean_dice"] == pytest.approx(glob_d.mean())
+    assert r["mean_jaccard"] == pytest.approx(glob_j.mean())
+    assert r["case_dice"].shape == (9, C - first)
+    # global Dice pools voxels: it is not the mean of the per-case Dice
+    assert not np.allclose(glob_d, case_d.mean(0), atol=1e-6)
+
+
+def test_agrees_with_monai_dice_metric_per_case():
+    p, y = _labels(7, shape=(4, 1, 16, 16, 8))
+    m = SegmentationMetrics(C)
+    m.update(p, y)
+    ours = m.compute()["case_dice"]
+    ref = DiceMetric(include_background=False, reduction="none")
+    ref(one_hot(p, C), one_hot(y, C))
+    expected = ref.aggregate()
+    assert expected.shape == ours.shape
+    assert torch.allclose(ours, expected.double(), atol=1e-6)
+    # MONAI's label-map path (num_classes=...) too
+    ref2 = DiceMetric(include_background=False, reduction="none", num_classes=C)
+    ref2(p, y)
+    assert torch.allclose(ours, ref2.aggregate().double(), atol=1e-6)
+
+
+def test_label_map_and_one_hot_are_equivalent():
+    p, y = _labels(3)
+    p_oh, y_oh = one_hot(p, C), one_hot(y, C)
+    results = []
+    for a, b in [(p, y), (p_oh, y_oh), (p, y_oh), (p_oh.bool(), y), (p.float(), y.float())]:
+        m = SegmentationMetrics(C)
+        m.update(a, b)
+        results.append(m.compute()["counts"])
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+
+
+def test_absent_classes_give_nan_per_case():
+    # case 0: class 2 absent from prediction and target; class 3 predicted but absent from target
+    y = torch.tensor([[[[0, 1, 1, 0]]], [[[2, 2, 1, 0]]]])
+    p = torch.tensor([[[[0, 1, 3, 0]]], [[[2, 1, 1, 0]]]])
+    m = SegmentationMetrics(C)
+    m.update(p, y)
+    r = m.compute()
+    case_dice = r["case_dice"]
+    assert math.isnan(case_dice[0, 1])  # class 2 in case 0
+    assert case_dice[0, 2] == 0.0  # class 3 in case 0: a false positive scores 0, not NaN
+    assert case_dice[0, 0] == pytest.approx(2 * 1 / (1 + 2))
+    assert math.isnan(case_dice[1, 2]) and math.isnan(r["case_jaccard"][1, 2])
+    assert case_dice[1, 1] == pytest.approx(2 * 1 / (2 + 1))
+    # class 2 appears in case 1, so its global Dice exists; pooled over both cases
+    assert r["dice"][1] == pytest.approx(2 * 1 / (1 + 2))
+    assert r["mean_dice"] == pytest.approx(float(r["dice"].mean()))
+
+
+def test_class_absent_everywhere_is_left_out_of_the_mean():
+    y = torch.tensor([[[0, 1, 1, 2]]])
+    m = SegmentationMetrics(C)
+    m.update(y.clone(), y)
+    r = m.compute()
+    assert math.isnan(r["dice"][2])  # class 3 never appears
+    assert r["mean_dice"] == 1.0 and r["mean_jaccard"] == 1.0
+
+
+def test_list_of_cases_with_different_sizes_and_names():
+    p1, y1 = _labels(1, shape=(1, 1, 8, 8, 4))
+    p2, y2 = _labels(2, shape=(1, 1, 6, 10, 5))
+    batched = SegmentationMetrics(C)
+    batched.update(p1, y1, names=["a"])
+    batched.update(p2, y2, names=["b"])
+    listed = SegmentationMetrics(C)
+    listed.update([p1[0], p2[0]], [y1[0], y2[0]], names=["a", "b"])
+    assert torch.equal(batched.compute()["counts"], listed.compute()["counts"])
+    assert listed.compute()["case_names"] == ["a", "b"]
+    unnamed = SegmentationMetrics(C)
+    unnamed.update([p1[0], p2[0]], [y1[0], y2[0]])
+    assert unnamed.compute()["case_names"] == ["case_0", "case_1"]
+    assert len(listed) == 2
+    listed.reset()
+    assert len(listed) == 0
+
+
+def test_update_never_reads_values_on_the_host():
+    # "meta" tensors have no data: any .item() / .cpu() / data-dependent shape in update() would raise, so this
+    # checks that counting stays on the input's device without host synchronisation.
+    p, y = _labels(5, shape=(2, 1, 6, 6, 3))
+    m = SegmentationMetrics(C)
+    m.update(p.to("meta"), y.to("meta"))
+    m.update(one_hot(p, C).to("meta"), y.to("meta"))
+    m.update([p[0].to("meta")], [y[0].to("meta")])
+    assert len(m) == 5
+    assert all(r.device.type == "meta" for r in m._rows)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="num_classes"):
+        SegmentationMetrics(1)
+    m = SegmentationMetrics(3)
+    with pytest.raises(ValueError, match="before any update"):
+        m.compute()
+    with pytest.raises(ValueError, match="channels"):
+        m.update(torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="differ"):
+        m.update(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+    with pytest.raises(ValueError, match="names"):
+        m.update(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), names=["x"])
+    m.update(torch.tensor([[[0, 1, 5, 2]]]), torch.tensor([[[0, 1, 2, 2]]]))
+    with pytest.raises(ValueError, match=r"1 voxels .* outside \[0, 3\)"):
+        m.compute()
+
+
+def test_case_name_from_meta():
+    assert case_name_from_meta({"filename_or_obj": "/d/imagesTs/p07_t2.nii.gz"}, "x") == "p07_t2"
+    assert case_name_from_meta({"filename_or_obj": ["/d/P3/"]}, "x") == "P3"
+    assert case_name_from_meta({}, "case_3") == "case_3"
+    assert case_name_from_meta(None, "case_3") == "case_3"
+
+
+# --------------------------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(local_rank: int, out_path: str) -> None:
+    import ignite.distributed as idist
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    p, y = _labels(11, shape=(5, 1, 10, 8, 4))
+    m = SegmentationMetrics(C)
+    cases = list(range(rank, 5, world))  # 3 cases on rank 0, 2 on rank 1: uneven on purpose
+    m.update(p[cases], y[cases], names=[f"c{i}" for i in cases])
+    result = m.compute()
+    result["world_size"] = world
+    if rank == 0:
+        torch.save(result, out_path)
+
+
+def test_two_process_gloo_equals_single_process(tmp_path):
+    import ignite.distributed as idist
+
+    out = tmp_path / "ddp.pt"
+    with idist.Parallel(backend="gloo", nproc_per_node=2, master_port=_free_port()) as parallel:
+        parallel.run(_ddp_worker, str(out))
+    ddp = torch.load(out, weights_only=False)
+    assert ddp["world_size"] == 2
+    p, y = _labels(11, shape=(5, 1, 10, 8, 4))
+    order = [0, 2, 4, 1, 3]  # rank 0's cases, then rank 1's
+    single = SegmentationMetrics(C)
+    single.update(p[order], y[order], names=[f"c{i}" for i in order])
+    ref = single.compute()
+    assert ddp["case_names"] == ref["case_names"]
+    assert torch.equal(ddp["counts"], ref["counts"])
+    for key in ("dice", "jaccard", "case_dice", "case_jaccard"):
+        assert torch.allclose(ddp[key], ref[key], equal_nan=True)
+    assert ddp["mean_dice"] == pytest.approx(ref["mean_dice"])
