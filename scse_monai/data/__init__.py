@@ -8,6 +8,7 @@ from .dicom_series import DicomVolume, read_dicom_series
 from .ensure import ensure_synthetic_dataset
 from .errors import DataPreparationError
 from .synthetic import synthesize
+from .visceral import DEFAULT_ORGANS, RADLEX_IDS, prepare_visceral
 
 __all__ = [
     "CHAOS_MR_LABELS",
@@ -18,4 +19,7 @@ __all__ = [
     "prepare_chaos",
     "read_dicom_series",
     "synthesize",
+    "prepare_visceral",
+    "DEFAULT_ORGANS",
+    "RADLEX_IDS",
 ]

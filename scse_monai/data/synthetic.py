@@ -395,6 +395,9 @@ def _chaos_case(ph: Phantom, root: Path, layout: str, pid: str, reverse: bool, s
             _write_png(gray[:, :, k], base / "Ground" / f"{n}.png")
 
 
+_ANNOTATION_SPILL = ("gallbladder", "pancreas")
+
+
 def _visceral_case(ph: Phantom, root: Path, stem: str) -> None:
     (root / "Volumes").mkdir(parents=True, exist_ok=True)
     (root / "Segmentations").mkdir(parents=True, exist_ok=True)
@@ -411,6 +414,8 @@ def _visceral_case(ph: Phantom, root: Path, stem: str) -> None:
         m = ph.mask(name)
         if not m.any():
             continue
+        if name in _ANNOTATION_SPILL:  # annotators disagree at borders: these masks overlap their neighbours
+            m = ndimage.binary_dilation(m, np.ones((3, 3, 1), bool))
         seg = nib.Nifti1Image(m.astype(np.uint8), affine)
         seg.set_qform(affine, code=1)
         seg.set_sform(affine, code=1)

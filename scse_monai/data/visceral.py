@@ -1,0 +1,239 @@
+"""VISCERAL Anatomy3 (``Volumes/<stem>.nii.gz`` + one binary mask per structure) -> one label map + datalist.json.
+
+Masks are ``Segmentations/<stem>_<RadLexID>_<n>.nii.gz``; if several annotations ``<n>`` exist for one structure the
+lowest ``n`` is used. The default organ set is all 16 structures of :data:`RADLEX_IDS`, in that order, labels 1..16;
+``organs=[...]`` selects and orders a subset (names or RadLex ids).
+
+Overlap rule: where masks overlap, the structure with fewer voxels in that volume wins (so small structures such
+as adrenal glands or the gallbladder are not swallowed by the liver); overlapping voxel counts per pair are
+written to the datalist item (``"overlaps"``) and summed at the top level. A structure without a mask file is
+listed in the item's ``"missing"`` and gets no voxels. A mask whose shape or affine differs from its volume is an
+error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .chaos import run_patients
+from .datalist import _tmp_path, atomic_replace_all, count_classes, save_nifti_atomic, write_datalist
+from .errors import DataPreparationError
+
+__all__ = ["prepare_visceral", "RADLEX_IDS", "DEFAULT_ORGANS"]
+
+#: structure name -> RadLex id, as in the VISCERAL Anatomy3 file names
+RADLEX_IDS = {
+    "liver": 58,
+    "spleen": 86,
+    "pancreas": 170,
+    "gallbladder": 187,
+    "urinary bladder": 237,
+    "aorta": 480,
+    "trachea": 1247,
+    "right lung": 1302,
+    "left lung": 1326,
+    "first lumbar vertebra": 29193,
+    "right kidney": 29662,
+    "left kidney": 29663,
+    "right adrenal gland": 30324,
+    "left adrenal gland": 30325,
+    "right psoas major": 32248,
+    "left psoas major": 32249,
+}
+DEFAULT_ORGANS = tuple(RADLEX_IDS)
+_BY_ID = {v: k for k, v in RADLEX_IDS.items()}
+
+
+def resolve_organs(organs: list[str] | tuple[str, ...] | None) -> list[str]:
+    """Organ names from names (case-insensitive, ``_`` = space) or RadLex ids; ``None`` -> the default set."""
+    if not organs:
+        return list(DEFAULT_ORGANS)
+    out = []
+    for o in organs:
+        key = str(o).strip().lower().replace("_", " ")
+        name = _BY_ID.get(int(key)) if key.isdigit() else (key if key in RADLEX_IDS else None)
+        if name is None:
+            raise DataPreparationError(f"unknown organ {o!r}; known: {', '.join(RADLEX_IDS)} (or their RadLex ids)")
+        if name in out:
+            raise DataPreparationError(f"organ {o!r} given twice")
+        out.append(name)
+    return out
+
+
+def _stem(path: Path) -> str:
+    return re.sub(r"\.nii(\.gz)?$", "", path.name)
+
+
+def _load(path: Path, patient: str) -> nib.Nifti1Image:
+    try:
+        return nib.load(path)
+    except Exception as e:
+        raise DataPreparationError(f"cannot read NIfTI ({type(e).__name__}: {e})", patient, path) from None
+
+
+def _data(img: nib.Nifti1Image, path: Path, patient: str) -> np.ndarray:
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as e:  # truncated gzip etc.
+        raise DataPreparationError(f"cannot read NIfTI data ({type(e).__name__}: {e})", patient, path) from None
+
+
+def _prepare_volume(volume: Path, seg_dir: Path, organs: list[str], out: Path) -> tuple[dict, list[int], bool]:
+    stem = _stem(volume)
+    patient = stem.split("_")[0]
+    case = "visceral_" + re.sub(r"[^a-z0-9]+", "_", stem.lower())
+    img_path, lab_path = out / "imagesTr" / f"{case}.nii.gz", out / "labelsTr" / f"{case}.nii.gz"
+    masks: dict[str, Path] = {}
+    for p in sorted(seg_dir.glob(f"{stem}_*.nii*"), key=lambda p: p.name):
+        m = re.fullmatch(re.escape(stem) + r"_(\d+)_(\d+)", _stem(p))
+        if m and int(m.group(1)) in _BY_ID:
+            name = _BY_ID[int(m.group(1))]
+            if name not in masks or int(m.group(2)) < int(re.search(r"_(\d+)$", _stem(masks[name])).group(1)):
+                masks[name] = p
+    if not masks:
+        raise DataPreparationError(f"no masks {stem}_<RadLexID>_<n>.nii.gz in {seg_dir.name}/", patient, volume)
+    missing = [o for o in organs if o not in masks]
+    item = {"image": f"imagesTr/{case}.nii.gz", "label": f"labelsTr/{case}.nii.gz", "patient": patient}
+    item["missing"] = missing
+    inputs = [volume, *(masks[o] for o in organs if o in masks)]
+    ncls = len(organs) + 1
+    side = out / "labelsTr" / f".{case}.json"  # organs, overlaps and counts of the written label map
+    if img_path.exists() and lab_path.exists() and side.exists():
+        if min(img_path.stat().st_mtime, lab_path.stat().st_mtime) >= max(p.stat().st_mtime for p in inputs):
+            info = json.loads(side.read_text())
+            if info.get("organs") == organs:
+                item["overlaps"] = info["overlaps"]
+                return item, info["counts"], True
+
+    vol = _load(volume, patient)
+    shape, affine = vol.shape[:3], vol.affine
+    binaries, sizes = {}, {}
+    for o in organs:
+        if o not in masks:
+            continue
+        mimg = _load(masks[o], patient)
+        if mimg.shape[:3] != shape or not np.allclose(mimg.affine, affine, atol=1e-3):
+            raise DataPreparationError(
+                f"mask geometry {mimg.shape} / affine differs from its volume {shape} ({volume.name})",
+                patient,
+                masks[o],
+            )
+        b = _data(mimg, masks[o], patient).reshape(shape) > 0
+        binaries[o] = b
+        sizes[o] = int(b.sum())
+    label = np.zeros(shape, np.uint8)
+    # paint large structures first so that smaller ones win overlaps
+    for o in sorted(binaries, key=lambda o: -sizes[o]):
+        label[binaries[o]] = organs.index(o) + 1
+    overlaps = {}
+    names = list(binaries)
+    for a_i, a in enumerate(names):
+        for b in names[a_i + 1 :]:
+            n = int(np.count_nonzero(binaries[a] & binaries[b]))
+            if n:
+                overlaps[f"{a}/{b}"] = n
+    item["overlaps"] = overlaps
+
+    tmps = []
+    try:
+        if volume.name.endswith(".nii.gz"):  # keep the volume exactly as distributed
+            tmp = _tmp_path(img_path)
+            shutil.copyfile(volume, tmp)
+            tmps.append((tmp, img_path))
+        else:
+            tmps.append((save_nifti_atomic(_data(vol, volume, patient), affine, img_path), img_path))
+        lab = nib.Nifti1Image(label, affine)
+        lab.set_qform(affine, code=1)
+        lab.set_sform(affine, code=1)
+        tmp = _tmp_path(lab_path)
+        nib.save(lab, tmp)
+        tmps.append((tmp, lab_path))
+        counts = count_classes(label, ncls)
+        tmp = _tmp_path(side)
+        tmp.write_text(json.dumps({"organs": organs, "overlaps": overlaps, "counts": counts}))
+        tmps.append((tmp, side))
+        atomic_replace_all(tmps)
+    finally:
+        for tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
+    return item, counts, False
+
+
+def prepare_visceral(
+    root: str | Path,
+    out: str | Path,
+    organs: list[str] | tuple[str, ...] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    workers: int = 2,
+    progress: bool = True,
+) -> Path:
+    """Merge VISCERAL per-structure masks into label maps and write ``OUT/datalist.json``.
+
+    Cases are named ``visceral_<stem>`` (lower case, e.g. ``visceral_10000001_1_ctce_thab``); the patient id is
+    the first field of the stem, and folds are by patient.
+
+    Args:
+        root: folder with ``Volumes/`` and ``Segmentations/``.
+        out: output folder.
+        organs: structures to include, in label order (names or RadLex ids); default all 16.
+        folds: number of patient-level folds.
+        seed: fold shuffle seed.
+        workers: parallel processes.
+        progress: show a progress bar.
+
+    Returns:
+        path of ``OUT/datalist.json``.
+
+    Raises:
+        DataPreparationError: missing folders, unreadable files, or a mask whose geometry differs from its volume.
+
+    Example:
+        >>> prepare_visceral("VISCERAL", "prepared/visceral", organs=["liver", "spleen"])  # doctest: +SKIP
+    """
+    root, out = Path(root), Path(out)
+    names = resolve_organs(organs)
+    vol_dir, seg_dir = root / "Volumes", root / "Segmentations"
+    for d in (vol_dir, seg_dir):
+        if not d.is_dir():
+            raise DataPreparationError(f"no {d.name}/ folder: --root must hold Volumes/ and Segmentations/", file=d)
+    volumes = sorted(p for p in vol_dir.iterdir() if re.search(r"\.nii(\.gz)?$", p.name))
+    if not volumes:
+        raise DataPreparationError("no .nii/.nii.gz volumes", file=vol_dir)
+    mods = {"MR" if re.search(r"_MR", _stem(v), re.I) else "CT" for v in volumes}
+    if len(mods) > 1:
+        raise DataPreparationError("CT and MR volumes mixed; prepare them into separate folders", file=vol_dir)
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    jobs = [(v, seg_dir, names, out) for v in volumes]
+    results = run_patients(_prepare_volume, jobs, workers, "prepare visceral", progress)
+    items = [r[0] for r in results]
+    total_overlap: dict[str, int] = {}
+    for it in items:
+        for k, v in it["overlaps"].items():
+            total_overlap[k] = total_overlap.get(k, 0) + v
+        if it["missing"]:
+            print(f"note: {Path(it['image']).name}: no mask for {', '.join(it['missing'])}")
+    if total_overlap:
+        print(f"overlaps resolved (smaller structure wins), voxels: {total_overlap}")
+    return write_datalist(
+        out,
+        name="VISCERAL Anatomy3",
+        modality={"0": mods.pop()},
+        labels={"0": "background", **{str(i + 1): n for i, n in enumerate(names)}},
+        items=items,
+        counts={r[0]["image"]: r[1] for r in results},
+        folds=folds,
+        seed=seed,
+        extra={
+            "radlex": {n: RADLEX_IDS[n] for n in names},
+            "overlap_rule": "smaller structure (fewer voxels in the volume) wins",
+            "overlaps": total_overlap,
+        },
+    )
