@@ -6,3 +6,26 @@ Networks" (MICCAI 2018) and "Recalibrating Fully Convolutional Networks with Spa
 """
 
 __version__ = "0.1.0"
+
+import importlib
+
+_SUBMODULES = (
+    "apps",
+    "blocks",
+    "bundle_support",
+    "checkpoints",
+    "data",
+    "handlers",
+    "losses",
+    "metrics",
+    "networks",
+    "transforms",
+)
+
+
+def __getattr__(name: str):
+    # Lazy submodules, so `$import scse_monai` in a bundle config is enough for
+    # `scse_monai.bundle_support.partition(...)` and the package import stays light.
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, global_step_from_engine
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader
 
 __all__ = ["AtomicCheckpointSaver", "ResumeFromLatestCheckpoint", "latest_checkpoint", "save_atomically"]
@@ -48,7 +49,7 @@ def save_atomically(obj: object, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
-class _AtomicDiskSaver:
+class _AtomicDiskSaver(BaseSaveHandler):
     """Minimal ignite save handler (callable + ``remove``) writing atomically, on rank 0 only."""
 
     def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
@@ -80,6 +81,8 @@ class AtomicCheckpointSaver:
         file_prefix: prefix of interval checkpoints.
         save_key_metric: also save the model whenever the engine's key metric improves.
         key_metric_filename: file name of the best-metric checkpoint.
+        save_engine_as: also save the state of the engine this handler is attached to under this key (e.g.
+            ``"trainer"``); a config cannot reference the trainer from its own handler list without a cycle.
 
     Example::
 
@@ -96,6 +99,7 @@ class AtomicCheckpointSaver:
         file_prefix: str = "checkpoint",
         save_key_metric: bool = False,
         key_metric_filename: str = "model.pt",
+        save_engine_as: str | None = None,
     ) -> None:
         if not save_dict:
             raise ValueError("save_dict must name at least one object to save.")
@@ -106,12 +110,16 @@ class AtomicCheckpointSaver:
         self.file_prefix = file_prefix
         self.save_key_metric = save_key_metric
         self.key_metric_filename = key_metric_filename
+        self.save_engine_as = save_engine_as
 
     def attach(self, engine: Engine) -> None:
         Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+        to_save = dict(self.save_dict)
+        if self.save_engine_as:
+            to_save[self.save_engine_as] = engine
         if self.interval > 0:
             interval_ckpt = Checkpoint(
-                to_save=self.save_dict,
+                to_save=to_save,
                 save_handler=_AtomicDiskSaver(self.save_dir),
                 filename_prefix=self.file_prefix,
                 filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
@@ -125,7 +133,7 @@ class AtomicCheckpointSaver:
                 return eng.state.metrics[eng.state.key_metric_name]
 
             best_ckpt = Checkpoint(
-                to_save=self.save_dict,
+                to_save=to_save,
                 save_handler=_AtomicDiskSaver(self.save_dir, filename=self.key_metric_filename),
                 n_saved=1,
                 score_function=_score,
@@ -161,6 +169,7 @@ class ResumeFromLatestCheckpoint(CheckpointLoader):
         load_dict: objects to restore (same keys as the saver's ``save_dict``).
         prefix: checkpoint file prefix.
         enabled: ``False`` turns resuming off (start from scratch even if checkpoints exist).
+        load_engine_as: also restore the state of the engine this handler is attached to from this key.
         kwargs: passed to ``monai.handlers.CheckpointLoader`` (``map_location``, ``strict``, ...).
 
     Example::
@@ -169,13 +178,25 @@ class ResumeFromLatestCheckpoint(CheckpointLoader):
     """
 
     def __init__(
-        self, ckpt_dir: str, load_dict: dict, prefix: str = "checkpoint", enabled: bool = True, **kwargs
+        self,
+        ckpt_dir: str,
+        load_dict: dict,
+        prefix: str = "checkpoint",
+        enabled: bool = True,
+        load_engine_as: str | None = None,
+        **kwargs,
     ) -> None:
         kwargs.setdefault("map_location", "cpu")
         super().__init__(load_path=str(Path(ckpt_dir) / f"{prefix}_epoch=0.pt"), load_dict=load_dict, **kwargs)
         self.ckpt_dir = ckpt_dir
         self.prefix = prefix
         self.enabled = enabled
+        self.load_engine_as = load_engine_as
+
+    def attach(self, engine: Engine) -> None:
+        if self.load_engine_as:
+            self.load_dict[self.load_engine_as] = engine
+        super().attach(engine)
 
     def __call__(self, engine: Engine) -> None:
         path = latest_checkpoint(self.ckpt_dir, self.prefix) if self.enabled else None

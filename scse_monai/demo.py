@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=8, help="synthetic patients (default 8)")
     args = parser.parse_args(argv)
     if not BUNDLE_DIR.is_dir():
-        print(f"error: bundle folder {BUNDLE_DIR} not found (run the demo from a checkout of the repo)", file=sys.stderr)
+        print(f"error: bundle folder {BUNDLE_DIR} not found (run the demo from a repo checkout)", file=sys.stderr)
         return 2
 
     from scse_monai.data import ensure_synthetic_dataset

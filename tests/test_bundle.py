@@ -1,0 +1,270 @@
+"""Model-zoo style tests of the bundle: train -> evaluate -> infer -> export on tiny synthetic data, on CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+CFG = BUNDLE / "configs"
+TINY = {"features": 4, "roi_size": [64, 64], "pixdim": [-1.0, -1.0, -1.0], "num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    from scse_monai.data import ensure_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "chaos_mr"
+    ensure_synthetic_dataset(root, layout="chaos-mr", cases=4, seed=3)
+    meta = json.loads((root / "datalist.json").read_text())
+    # two folds are enough: fold 0 validates, the rest trains
+    for i, item in enumerate(meta["training"]):
+        item["fold"] = i % 2
+    (root / "datalist.json").write_text(json.dumps(meta))
+    return root
+
+
+def _overrides(tmp: Path, dataset: Path, **extra) -> dict:
+    return {
+        "bundle_root": str(BUNDLE),
+        "dataset_dir": str(dataset),
+        "ckpt_dir": str(tmp / "models"),
+        "output_dir": str(tmp / "eval"),
+        **TINY,
+        **extra,
+    }
+
+
+def _run(configs: list[str], workflow_type: str, **overrides) -> ConfigWorkflow:
+    wf = ConfigWorkflow(
+        config_file=[str(CFG / c) for c in configs],
+        meta_file=str(CFG / "metadata.json"),
+        logging_file=str(CFG / "logging.conf"),
+        workflow_type=workflow_type,
+        **overrides,
+    )
+    wf.initialize()
+    assert wf.check_properties() == [], wf.check_properties()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def _bundle_cli(*args: str, cwd: Path = REPO, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
+@pytest.mark.slow
+def test_train_evaluate_infer_export(tmp_path: Path, dataset: Path) -> None:
+    ov = _overrides(tmp_path, dataset)
+    _run(["train.json"], "train", epochs=1, **ov)
+    models = tmp_path / "models"
+    assert (models / "model.pt").is_file(), "best-metric checkpoint missing"
+    assert (models / "checkpoint_epoch=1.pt").is_file(), "resume checkpoint missing"
+    state = torch.load(models / "model.pt", weights_only=True)
+    net = ConfigParser({**json.loads((CFG / "train.json").read_text()), **ov}).get_parsed_content("network_def")
+    assert net.load_state_dict(state, strict=True)  # same keys: the saver unwrapped nothing extra
+    assert list((tmp_path / "eval").glob("*.png")), "training curves were not plotted"
+
+    _run(["train.json", "evaluate.json"], "eval", **ov)
+    per_case = sorted((tmp_path / "eval").glob("*.csv"))
+    assert per_case, "evaluation wrote no CSV"
+    rows = [r for p in per_case for r in csv.DictReader(open(p, newline=""))]
+    assert rows and any("dice" in k.lower() for k in rows[0])
+
+    out = tmp_path / "pred"
+    _run(
+        ["inference.json"],
+        "infer",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(dataset),
+        ckpt_path=str(models / "model.pt"),
+        output_dir=str(out),
+        **TINY,
+    )
+    images = sorted((dataset / "imagesTr").glob("*.nii.gz"))
+    preds = sorted(out.glob("*.nii.gz"))
+    assert len(preds) == len(images)
+    for img_path in images:
+        case = img_path.name[: -len(".nii.gz")]
+        match = [p for p in preds if case in p.name]
+        assert match, f"no prediction named after {case}"
+        img, pred = nib.load(img_path), nib.load(match[0])
+        assert pred.shape[:3] == img.shape[:3]
+        np.testing.assert_allclose(pred.affine, img.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= set(range(5))
+
+    ts = tmp_path / "model.ts"
+    res = _bundle_cli(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(ts),
+        "--ckpt_file",
+        str(models / "model.pt"),
+        "--meta_file",
+        str(CFG / "metadata.json"),
+        "--config_file",
+        str(CFG / "inference.json"),
+        "--features",
+        "4",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    extra = {"metadata.json": "", "inference.json": ""}
+    scripted = torch.jit.load(str(ts), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["num_channels"] == 5
+    assert "preprocessing" in json.loads(extra["inference.json"])
+    net.load_state_dict(state)
+    net.eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x))
+
+
+def test_check_properties_train_and_infer(tmp_path: Path, dataset: Path) -> None:
+    train = ConfigWorkflow(config_file=str(CFG / "train.json"), workflow_type="train", **_overrides(tmp_path, dataset))
+    train.initialize()
+    assert train.check_properties() == []
+    infer = ConfigWorkflow(
+        config_file=str(CFG / "inference.json"), workflow_type="infer", dataset_dir=str(dataset), **TINY
+    )
+    infer.initialize()
+    assert infer.check_properties() == []
+
+
+def test_verify_metadata_offline_and_rejects_broken_metadata(tmp_path: Path) -> None:
+    schema = BUNDLE / "schema" / "meta_schema.json"
+    ok = _bundle_cli("verify_metadata", "--meta_file", str(CFG / "metadata.json"), "--filepath", str(schema))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "verified with no error" in ok.stdout + ok.stderr
+    meta = json.loads((CFG / "metadata.json").read_text())
+    del meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+    bad = tmp_path / "metadata.json"
+    bad.write_text(json.dumps(meta))
+    res = _bundle_cli("verify_metadata", "--meta_file", str(bad), "--filepath", str(schema))
+    assert res.returncode != 0
+    assert "num_channels" in res.stdout + res.stderr
+
+
+def test_verify_net_in_out() -> None:
+    res = _bundle_cli(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        str(CFG / "metadata.json"),
+        "--config_file",
+        str(CFG / "inference.json"),
+        "--features",
+        "4",
+        "--n",
+        "4",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "data shape of network is verified with no error" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("dataset_cfg", sorted(p.name for p in (CFG / "datasets").glob("*.json")))
+def test_dataset_overrides_build_the_network(dataset_cfg: str) -> None:
+    parser = ConfigParser()
+    parser.read_config([str(CFG / "train.json"), str(CFG / "datasets" / dataset_cfg)])
+    parser["features"] = 4
+    net = parser.get_parsed_content("network_def")
+    x = torch.randn(1, parser["in_channels"], 32, 32)
+    assert net(x).shape == (1, parser["num_classes"], 32, 32)
+    norm = parser.get_parsed_content("normalization")
+    assert callable(norm)
+
+
+def test_missing_dataset_names_the_folder(tmp_path: Path) -> None:
+    occupied = tmp_path / "mine"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("user data")
+    from scse_monai.bundle_support import resolve_datalist
+
+    with pytest.raises(FileNotFoundError, match="mine"):
+        resolve_datalist(str(occupied))
+    assert (occupied / "notes.txt").read_text() == "user data"
+    with pytest.raises(FileNotFoundError, match="prepare"):
+        resolve_datalist(str(tmp_path / "absent"), synthetic_if_missing=False)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_mid_epoch(tmp_path: Path, dataset: Path) -> None:
+    ov = _overrides(tmp_path, dataset, epochs=3, val_interval=10)
+    args = ["run", "training", "--config_file", str(CFG / "train.json")]
+    for k, v in ov.items():
+        args += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    first = tmp_path / "models" / "checkpoint_epoch=1.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.exists(), "first epoch never finished"
+    os.killpg(proc.pid, signal.SIGKILL)  # killed while epoch 2 runs
+    proc.wait()
+    assert not (tmp_path / "models" / "checkpoint_epoch=3.pt").exists()
+    for ckpt in (tmp_path / "models").glob("checkpoint_epoch=*.pt"):
+        torch.load(ckpt, weights_only=True)  # every visible checkpoint is complete
+
+    res = _bundle_cli(*args, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "resumed at epoch" in log
+    resumed_at = int(log.split("resumed at epoch ")[1].split()[0])
+    assert resumed_at in (1, 2)
+    final = torch.load(tmp_path / "models" / "checkpoint_epoch=3.pt", weights_only=True)
+    assert final["trainer"]["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks(tmp_path: Path, dataset: Path) -> None:
+    ov = _overrides(tmp_path, dataset, epochs=1)
+    args = ["--config_file", json.dumps([str(CFG / "train.json"), str(CFG / "multi_gpu_train.json")])]
+    for k, v in ov.items():
+        args += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state), "DDP wrapper leaked into the saved keys"
