@@ -15,18 +15,19 @@ in-phase) and the other echo must have the same geometry.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .datalist import atomic_replace_all, count_classes, save_nifti_atomic, write_datalist
+from .datalist import _tmp_path, atomic_replace_all, count_classes, save_nifti_atomic, write_datalist
 from .dicom_series import DicomVolume, read_dicom_series
 from .errors import DataPreparationError
 
@@ -142,8 +143,15 @@ def case_name(task: str, pid: str) -> str:
     return f"{CHAOS_TASKS[task].prefix}_{tag}"
 
 
-def _newest_mtime(folders: list[Path]) -> float:
-    return max(p.stat().st_mtime for f in folders for p in f.iterdir())
+def input_signature(folders: list[Path]) -> str:
+    """Hash of (name, size, mtime) of every file in ``folders``: changes when a file is added, removed, renamed or
+    rewritten, so re-runs can skip cases whose inputs are unchanged."""
+    h = hashlib.sha1()
+    for f in folders:
+        for p in sorted(f.iterdir()):
+            st = p.stat()
+            h.update(f"{p.parent.name}/{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
 
 
 def _prepare_patient(root: Path, task_name: str, pid: str, out: Path) -> tuple[dict, list[int], bool]:
@@ -153,11 +161,12 @@ def _prepare_patient(root: Path, task_name: str, pid: str, out: Path) -> tuple[d
     img_path, lab_path = out / "imagesTr" / f"{case}.nii.gz", out / "labelsTr" / f"{case}.nii.gz"
     item = {"image": f"imagesTr/{case}.nii.gz", "label": f"labelsTr/{case}.nii.gz", "patient": pid}
     _, series, ground = _patient_paths(root, task, pid)
-    if img_path.exists() and lab_path.exists():
-        done = min(img_path.stat().st_mtime, lab_path.stat().st_mtime)
-        if done >= _newest_mtime([*series, ground]):
-            counts = count_classes(np.asanyarray(nib.load(lab_path).dataobj), len(task.labels))
-            return item, counts, True
+    side = out / "labelsTr" / f".{case}.json"  # input signature and class counts of the written case
+    signature = input_signature([*series, ground])
+    if img_path.exists() and lab_path.exists() and side.exists():
+        info = json.loads(side.read_text())
+        if info.get("inputs") == signature and info.get("task") == task_name:
+            return item, info["counts"], True
 
     vols = [read_dicom_series(_files(s), patient=pid) for s in series]
     if len(vols) == 2:  # T1-DUAL: masks carry the names of one echo; the other must share the geometry
@@ -185,11 +194,15 @@ def _prepare_patient(root: Path, task_name: str, pid: str, out: Path) -> tuple[d
     try:
         tmps.append((save_nifti_atomic(image, affine, img_path), img_path))
         tmps.append((save_nifti_atomic(label, affine, lab_path), lab_path))
+        counts = count_classes(label, len(task.labels))
+        tmp = _tmp_path(side)
+        tmp.write_text(json.dumps({"task": task_name, "inputs": signature, "counts": counts}))
+        tmps.append((tmp, side))
         atomic_replace_all(tmps)
     finally:
         for tmp, _ in tmps:
             tmp.unlink(missing_ok=True)
-    return item, count_classes(label, len(task.labels)), False
+    return item, counts, False
 
 
 def _resolve_root(root: Path, folder: str) -> Path:
@@ -202,28 +215,25 @@ def _resolve_root(root: Path, folder: str) -> Path:
 
 def run_patients(fn, jobs: list[tuple], workers: int, desc: str, progress: bool = True) -> list:
     """Run ``fn(*job)`` for each job, in a process pool if ``workers > 1``; re-raise the first error."""
-    results = []
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress)
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            results.append(fn(*job))
-            bar.update()
-        bar.close()
-        return results
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-        futures = [pool.submit(fn, *job) for job in jobs]
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            bar.update(len(done))
-            for f in done:
-                if f.exception() is not None:
-                    for p in pending:
-                        p.cancel()
-                    bar.close()
-                    raise f.exception()
-        results = [f.result() for f in futures]
-    bar.close()
+    with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:  # closed (newline) before any error print
+        if workers <= 1 or len(jobs) <= 1:
+            results = []
+            for job in jobs:
+                results.append(fn(*job))
+                bar.update()
+            return results
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            futures = [pool.submit(fn, *job) for job in jobs]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                bar.update(len(done))
+                for f in done:
+                    if f.exception() is not None:
+                        for p in pending:
+                            p.cancel()
+                        raise f.exception()
+            results = [f.result() for f in futures]
     return results
 
 

@@ -13,6 +13,7 @@ error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -103,13 +104,17 @@ def _prepare_volume(volume: Path, seg_dir: Path, organs: list[str], out: Path) -
     item["missing"] = missing
     inputs = [volume, *(masks[o] for o in organs if o in masks)]
     ncls = len(organs) + 1
-    side = out / "labelsTr" / f".{case}.json"  # organs, overlaps and counts of the written label map
+    side = out / "labelsTr" / f".{case}.json"  # organs, input signature, overlaps and counts of the written case
+    h = hashlib.sha1()
+    for p in inputs:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    signature = h.hexdigest()
     if img_path.exists() and lab_path.exists() and side.exists():
-        if min(img_path.stat().st_mtime, lab_path.stat().st_mtime) >= max(p.stat().st_mtime for p in inputs):
-            info = json.loads(side.read_text())
-            if info.get("organs") == organs:
-                item["overlaps"] = info["overlaps"]
-                return item, info["counts"], True
+        info = json.loads(side.read_text())
+        if info.get("organs") == organs and info.get("inputs") == signature:
+            item["overlaps"] = info["overlaps"]
+            return item, info["counts"], True
 
     vol = _load(volume, patient)
     shape, affine = vol.shape[:3], vol.affine
@@ -156,7 +161,7 @@ def _prepare_volume(volume: Path, seg_dir: Path, organs: list[str], out: Path) -
         tmps.append((tmp, lab_path))
         counts = count_classes(label, ncls)
         tmp = _tmp_path(side)
-        tmp.write_text(json.dumps({"organs": organs, "overlaps": overlaps, "counts": counts}))
+        tmp.write_text(json.dumps({"organs": organs, "inputs": signature, "overlaps": overlaps, "counts": counts}))
         tmps.append((tmp, side))
         atomic_replace_all(tmps)
     finally:
