@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .datalist import _tmp_path, atomic_replace_all, count_classes, save_nifti_atomic, write_datalist
+from .datalist import _tmp_path, atomic_replace_all, check_folds, count_classes, save_nifti_atomic, write_datalist
 from .dicom_series import DicomVolume, read_dicom_series
 from .errors import DataPreparationError
 
@@ -277,6 +277,7 @@ def prepare_chaos(
     pids = sorted((p.name for p in (root / spec.folder).iterdir() if p.is_dir()), key=lambda s: (len(s), s))
     if not pids:
         raise DataPreparationError("no patient folders", file=root / spec.folder)
+    check_folds(len(pids), folds)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     jobs = [(root, task, pid, out) for pid in pids]

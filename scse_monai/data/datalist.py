@@ -10,7 +10,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .errors import DataPreparationError
+
 __all__ = ["assign_folds", "count_classes", "write_datalist", "save_nifti_atomic", "atomic_replace_all"]
+
+
+def check_folds(n_patients: int, folds: int) -> None:
+    """Raise :class:`DataPreparationError` unless ``1 <= folds <= n_patients`` (checked before any work)."""
+    if not 1 <= folds <= n_patients:
+        raise DataPreparationError(
+            f"--folds {folds} needs 1 <= folds <= number of patients ({n_patients}); pass e.g. --folds {n_patients}"
+        )
 
 
 def assign_folds(patients: Sequence[str], folds: int, seed: int = 0) -> dict[str, int]:

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from .chaos import run_patients
-from .datalist import _tmp_path, atomic_replace_all, count_classes, save_nifti_atomic, write_datalist
+from .datalist import _tmp_path, atomic_replace_all, check_folds, count_classes, save_nifti_atomic, write_datalist
 from .errors import DataPreparationError
 
 __all__ = ["prepare_visceral", "RADLEX_IDS", "DEFAULT_ORGANS"]
@@ -211,6 +211,7 @@ def prepare_visceral(
     volumes = sorted(p for p in vol_dir.iterdir() if re.search(r"\.nii(\.gz)?$", p.name))
     if not volumes:
         raise DataPreparationError("no .nii/.nii.gz volumes", file=vol_dir)
+    check_folds(len({_stem(v).split("_")[0] for v in volumes}), folds)
     mods = {"MR" if re.search(r"_MR", _stem(v), re.I) else "CT" for v in volumes}
     if len(mods) > 1:
         raise DataPreparationError("CT and MR volumes mixed; prepare them into separate folders", file=vol_dir)
