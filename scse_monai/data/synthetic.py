@@ -175,7 +175,7 @@ def make_phantom(rng: np.random.Generator, size: int = 128, slices: int = 30, fo
 
     Example:
         >>> ph = make_phantom(np.random.default_rng(0), size=64, slices=12)
-        >>> ph.mask("liver").any()
+        >>> bool(ph.mask("liver").any())
         True
     """
     fov = float(fov_mm or rng.uniform(360, 420))
