@@ -105,7 +105,7 @@ def check_inputs(input_path: Path, model_path: Path) -> tuple[Path, list[Path], 
     Raises:
         InputError: with a message naming the offending argument or file.
     """
-    from scse_monai.apps.deploy.app import SERIES_RULES
+    from scse_monai.apps.deploy.rules import SERIES_RULES, matching_series
     from scse_monai.apps.organs import organ_labels, read_torchscript_metadata
 
     if not input_path.exists():
@@ -119,7 +119,7 @@ def check_inputs(input_path: Path, model_path: Path) -> tuple[Path, list[Path], 
         if not any(p.is_file() for p in input_path.rglob("*")):
             raise InputError(f"input {input_path}: the folder is empty")
         raise InputError(f"input {input_path}: no DICOM files in this folder (non-DICOM files are ignored)")
-    if not _matches_rules(files, SERIES_RULES):
+    if not matching_series(files, SERIES_RULES):
         names = [s["name"] for s in SERIES_RULES["selections"]]
         raise InputError(
             f"input {input_path}: no series matches the selection rules {names}; found {_series_summary(files)}"
@@ -153,27 +153,6 @@ def _dicom_files_in(paths: list[Path]) -> list[Path]:
         except (InvalidDicomError, OSError):
             pass
     return ok
-
-
-def _matches_rules(files: list[Path], rules: dict) -> bool:
-    # The same attribute tests as the SDK's DICOMSeriesSelectorOperator (case-insensitive equality, else regex
-    # search), applied up front so that "no matching series" is reported before the models load.
-    import re
-
-    import pydicom
-
-    headers = {}
-    for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        headers.setdefault(str(ds.get("SeriesInstanceUID", path.parent)), ds)
-    for selection in rules["selections"]:
-        for ds in headers.values():
-            if all(
-                str(ds.get(k, "")) and (str(ds.get(k)).casefold() == v.casefold() or re.search(v, str(ds.get(k)), re.I))
-                for k, v in selection["conditions"].items()
-            ):
-                return True
-    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from monai.deploy.operators.monai_bundle_inference_operator import (
 from pydicom.sr.coding import Code
 
 from scse_monai import __version__
+from scse_monai.apps.deploy.rules import SERIES_RULES
 from scse_monai.apps.organs import ORGAN_CODES, SNOMED_ANATOMICAL_STRUCTURE, organ_labels, read_torchscript_metadata
 
 __all__ = [
@@ -39,17 +40,6 @@ __all__ = [
     "RequiredSeriesSelectorOperator",
     "segment_descriptions",
 ]
-
-# Selection rules of DICOMSeriesSelectorOperator, tried in order; the first matching series is segmented.
-# CHAOS MR series carry SeriesDescription "T2SPIR" (the shipped weights are trained on it); CHAOS CT series have
-# an empty SeriesDescription, so the CT rule must not require one. No ImageOrientationPatient rule: the SDK
-# needs PatientPosition for it, which CHAOS headers lack.
-SERIES_RULES: dict = {
-    "selections": [
-        {"name": "CHAOS MR T2-SPIR", "conditions": {"Modality": "(?i)^MR$", "SeriesDescription": "(?i)t2[ _-]?spir"}},
-        {"name": "CHAOS CT", "conditions": {"Modality": "(?i)^CT$"}},
-    ]
-}
 
 
 class NoMatchingSeriesError(ValueError):
