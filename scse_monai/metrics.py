@@ -112,7 +112,7 @@ class SegmentationMetrics:
     - ``"counts"``: ``(N, K, 3)`` int64 per-case ``[intersection, prediction, target]``;
     - ``"case_names"``: ``N`` names (given to ``update`` or ``"case_<i>"``).
 
-    Label values outside ``[0, num_classes)`` are counted apart (without a device sync) and make
+    Label maps with values outside ``[0, num_classes)`` are flagged on device (no host sync) and make
     :meth:`compute` raise ``ValueError``.
 
     Example::
@@ -150,31 +150,31 @@ class SegmentationMetrics:
             )
         return x.flatten(1).long() if x.is_floating_point() else x.flatten(1).to(torch.int64)
 
-    def _count_invalid(self, labels: torch.Tensor) -> torch.Tensor:
-        """Mask of out-of-range labels; their number is accumulated lazily (no host sync)."""
-        bad = (labels < 0) | (labels >= self.num_classes)
-        n_bad = bad.sum()
-        self._invalid = n_bad if self._invalid is None else self._invalid + n_bad
-        return bad
+    def _check_range(self, labels: torch.Tensor) -> None:
+        """Remember (on device, no host sync) whether some label is outside ``[0, num_classes)``."""
+        low, high = labels.aminmax()
+        bad = ((low < 0) | (high >= self.num_classes)).to(torch.int64)
+        self._invalid = bad if self._invalid is None else self._invalid + bad
 
     def _counts_from_labels(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # One scatter_add_ into a per-case C x C confusion matrix: a single pass over the voxels instead of C
         # comparisons (and no one-hot expansion, which MONAI's DiceMetric needs). torch.bincount is avoided
         # because on CUDA it synchronises with the host to size its output.
         b, c = pred.shape[0], self.num_classes
-        bad = self._count_invalid(pred) | self._count_invalid(target)
-        idx = target * c + pred + torch.arange(b, device=pred.device).unsqueeze(1) * (c * c)
-        idx = torch.where(bad, torch.full_like(idx, b * c * c), idx)  # out-of-range voxels go to a dump bin
-        cm = torch.zeros(b * c * c + 1, dtype=torch.int64, device=pred.device)
-        cm.scatter_add_(0, idx.reshape(-1), torch.ones(1, dtype=torch.int64, device=pred.device).expand(idx.numel()))
-        cm = cm[:-1].view(b, c, c)  # [case, target class, predicted class]
+        self._check_range(pred)
+        self._check_range(target)
+        idx = torch.add(pred, target, alpha=c)  # target * C + pred
+        idx.clamp_(0, c * c - 1)  # keeps the scatter in bounds; out-of-range labels make compute() raise anyway
+        cm = torch.zeros(b, c * c, dtype=torch.int64, device=pred.device)
+        cm.scatter_add_(1, idx, torch.ones(1, 1, dtype=torch.int64, device=pred.device).expand_as(idx))
+        cm = cm.view(b, c, c)  # [case, target class, predicted class]
         return torch.stack([cm.diagonal(dim1=1, dim2=2), cm.sum(1), cm.sum(2)], dim=-1)
 
     def _mask(self, x: torch.Tensor, what: str) -> torch.Tensor:
         if x.shape[1] == self.num_classes:
             return x.flatten(2) != 0
         labels = self._label_map(x, what)
-        self._count_invalid(labels)
+        self._check_range(labels)
         return labels.unsqueeze(1) == torch.arange(self.num_classes, device=x.device).view(1, -1, 1)
 
     def _counts(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -231,7 +231,7 @@ class SegmentationMetrics:
 
     # ------------------------------------------------------------------ results
     def _gathered(self) -> tuple[torch.Tensor, list[str | None], int]:
-        """Per-case rows and names of all ranks (rank order), and the number of out-of-range voxels."""
+        """Per-case rows and names of all ranks (rank order), and the number of out-of-range label maps."""
         c = self.num_classes
         device = self._rows[0].device if self._rows else idist.device()
         rows = torch.cat(self._rows) if self._rows else torch.zeros(0, c, 3, dtype=torch.int64, device=device)
@@ -259,7 +259,7 @@ class SegmentationMetrics:
         rows, names, invalid = self._gathered()
         if invalid:
             raise ValueError(
-                f"{invalid} voxels of y_pred / y have label values outside [0, {self.num_classes}); "
+                f"{invalid} label map(s) given to update() had values outside [0, {self.num_classes}); "
                 "check num_classes and the label maps."
             )
         if rows.shape[0] == 0:

@@ -167,8 +167,13 @@ def test_errors():
     with pytest.raises(ValueError, match="names"):
         m.update(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), names=["x"])
     m.update(torch.tensor([[[0, 1, 5, 2]]]), torch.tensor([[[0, 1, 2, 2]]]))
-    with pytest.raises(ValueError, match=r"1 voxels .* outside \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"1 label map\(s\) .* outside \[0, 3\)"):
         m.compute()
+    for bad_pred, bad_target in [(torch.zeros(1, 3, 4), torch.full((1, 1, 4), -1)), (torch.full((1, 1, 4), 3), None)]:
+        m = SegmentationMetrics(3)
+        m.update(bad_pred, bad_target if bad_target is not None else torch.zeros(1, 1, 4, dtype=torch.int64))
+        with pytest.raises(ValueError, match="outside"):
+            m.compute()
 
 
 def test_case_name_from_meta():
