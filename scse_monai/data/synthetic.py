@@ -66,7 +66,11 @@ _TISSUES: list[tuple[str, str, tuple[float, float, float], tuple[float, float, f
     ("right adrenal gland", "ell", (-0.25, 0.45, 0.16), (8, 12, 15)),
     ("left adrenal gland", "ell", (0.25, 0.45, 0.18), (8, 12, 15)),
     ("aorta", "cyl", (0.07, 0.45, 0.0), (11, 11, 0)),
-    ("bone", "cyl", (0.0, 0.72, 0.0), (22, 20, 0)),
+    ("paraspinal", "cyl", (-0.20, 0.92, 0.0), (28, 20, 0)),
+    ("paraspinal", "cyl", (0.20, 0.92, 0.0), (28, 20, 0)),
+    ("bone", "cyl", (0.0, 0.66, 0.0), (22, 19, 0)),
+    ("canal", "cyl", (0.0, 0.86, 0.0), (8, 7, 0)),
+    ("bone", "cyl", (0.0, 0.98, 0.0), (5, 13, 0)),
     ("right psoas major", "ell", (-0.20, 0.68, -0.40), (20, 22, 80)),
     ("left psoas major", "ell", (0.20, 0.68, -0.40), (20, 22, 80)),
     ("urinary bladder", "ell", (0.0, -0.30, -0.55), (40, 35, 32)),
@@ -76,6 +80,10 @@ _TISSUES: list[tuple[str, str, tuple[float, float, float], tuple[float, float, f
 _INTENSITY = {
     #                    CT     T2SPIR  T1in  T1out
     "air": (-1000, 0, 0, 0),
+    "gas": (-950, 10, 10, 10),
+    "bowel": (25, 380, 330, 310),
+    "canal": (10, 1000, 150, 150),
+    "paraspinal": (50, 170, 340, 320),
     "body": (30, 260, 420, 400),
     "fat": (-100, 110, 900, 820),
     "muscle": (50, 170, 340, 320),
@@ -98,6 +106,10 @@ _INTENSITY = {
     "urinary bladder": (8, 1200, 120, 120),
 }
 _CONTRAST = {"ct": 0, "t2spir": 1, "t1in": 2, "t1out": 3}
+# texture inside organs (labels unchanged): 1 liver vessels, 2 renal medulla; CT additive HU, MR multiplicative
+_SUB = {1: (60.0, 1.35, 0.55, 0.55), 2: (-60.0, 1.2, 0.8, 0.8)}
+# structures that lie outside the abdominal cavity (spine, back muscles)
+_OUTSIDE_CAVITY = ("bone", "canal", "paraspinal")
 
 
 @dataclass
@@ -109,7 +121,8 @@ class Phantom:
         names: tissue names, ``names[0] == "air"``.
         spacing: voxel size in mm (x, y, z).
         origin: LPS position (mm) of voxel (0, 0, 0).
-        rng_state: generator used for intensities (noise, bias field, texture).
+        rng: generator used for intensities (noise, bias field, texture).
+        sub: uint8 texture map inside organs (1 liver vessels, 2 renal medulla), labels unaffected.
     """
 
     tissue: np.ndarray
@@ -117,6 +130,7 @@ class Phantom:
     spacing: tuple[float, float, float]
     origin: np.ndarray
     rng: np.random.Generator
+    sub: np.ndarray | None = None
 
     def mask(self, name: str) -> np.ndarray:
         """Binary mask of one structure (all entries of that name)."""
@@ -129,6 +143,10 @@ class Phantom:
         rng = np.random.default_rng(self.rng.integers(2**32))
         lut = np.array([_INTENSITY[n][col] for n in self.names], dtype=np.float32)
         img = lut[self.tissue]
+        if self.sub is not None:
+            for code, mods in _SUB.items():
+                m = self.sub == code
+                img[m] = img[m] + mods[0] if contrast == "ct" else img[m] * mods[col]
         # organ texture: smooth multiplicative (MR) / additive (CT) variation
         tex = _smooth_noise(rng, self.tissue.shape, 6.0)
         if contrast == "ct":
@@ -206,7 +224,11 @@ def make_phantom(rng: np.random.Generator, size: int = 128, slices: int = 30, fo
     tissue[inner] = names.index("muscle")
     cavity = body_f < rng.uniform(0.70, 0.76) ** 2
     tissue[cavity] = names.index("body")
-    # some intra-abdominal fat blobs
+    # bowel loops with some gas, and mesenteric fat, filling the cavity between the organs
+    names += ["bowel", "gas"]
+    loops = _smooth_noise(rng, X.shape, size / 18)
+    tissue[(loops > 0.2) & cavity] = names.index("bowel")
+    tissue[(loops > 2.0) & cavity] = names.index("gas")
     fat_blobs = (_smooth_noise(rng, X.shape, size / 14) > 1.7) & cavity
     tissue[fat_blobs] = names.index("fat")
 
@@ -222,9 +244,7 @@ def make_phantom(rng: np.random.Generator, size: int = 128, slices: int = 30, fo
         else:
             cz = w * extent_z + rng.normal(0, 8)
             f = ((X - cx) / (rx * s)) ** 2 + ((Y - cy) / (ry * s)) ** 2 + ((Z - cz) / (rz * s)) ** 2 + deform(0.25)
-        region = (f < 1.0) & cavity
-        if name == "bone":
-            region = (f < 1.0) & (body_f < 0.95)
+        region = (f < 1.0) & ((body_f < 0.97) if name in _OUTSIDE_CAVITY else cavity)
         tissue[region] = names.index(name)
     # first lumbar vertebra: the vertebral body at the level of the kidney hila
     l1_z = np.mean([w for n, _, (_, _, w), _ in _TISSUES if n.endswith("kidney")]) * extent_z + 25
@@ -232,8 +252,14 @@ def make_phantom(rng: np.random.Generator, size: int = 128, slices: int = 30, fo
     bone = tissue == names.index("bone")
     tissue[bone & (np.abs(Z - l1_z) < 15)] = names.index("first lumbar vertebra")
 
+    sub = np.zeros(X.shape, np.uint8)
+    vessels = np.abs(_smooth_noise(rng, X.shape, size / 10)) < 0.07
+    sub[vessels & (tissue == names.index("liver"))] = 1
+    kidneys = np.isin(tissue, [names.index("right kidney"), names.index("left kidney")])
+    inner = ndimage.binary_erosion(kidneys, np.ones((5, 5, 1), bool))
+    sub[inner & (_smooth_noise(rng, X.shape, size / 30) > -0.2)] = 2
     origin = np.array([x[0], y[0], z[0]])
-    return Phantom(tissue=tissue, names=names, spacing=(dxy, dxy, dz), origin=origin, rng=rng)
+    return Phantom(tissue=tissue, names=names, spacing=(dxy, dxy, dz), origin=origin, rng=rng, sub=sub)
 
 
 def write_dicom_series(
