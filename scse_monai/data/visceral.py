@@ -4,9 +4,10 @@ Masks are ``Segmentations/<stem>_<RadLexID>_<n>.nii.gz``; if several annotations
 lowest ``n`` is used. The default organ set is all 16 structures of :data:`RADLEX_IDS`, in that order, labels 1..16;
 ``organs=[...]`` selects and orders a subset (names or RadLex ids).
 
-Overlap rule: where masks overlap, the structure with fewer voxels in that volume wins (so small structures such
-as adrenal glands or the gallbladder are not swallowed by the liver); overlapping voxel counts per pair are
-written to the datalist item (``"overlaps"``) and summed at the top level. A structure without a mask file is
+Overlap rule: where masks overlap, the structure with fewer voxels in that volume wins (on equal counts, the one
+earlier in the organ list), so small structures such as adrenal glands or the gallbladder are not swallowed by the
+liver; overlapping voxel counts per pair are written to the datalist item (``"overlaps"``) and summed at the top
+level. A structure without a mask file is
 listed in the item's ``"missing"`` and gets no voxels. A mask whose shape or affine differs from its volume is an
 error.
 """
@@ -134,7 +135,7 @@ def _prepare_volume(volume: Path, seg_dir: Path, organs: list[str], out: Path) -
         sizes[o] = int(b.sum())
     label = np.zeros(shape, np.uint8)
     # paint large structures first so that smaller ones win overlaps
-    for o in sorted(binaries, key=lambda o: -sizes[o]):
+    for o in sorted(binaries, key=lambda o: (-sizes[o], -organs.index(o))):  # ties: earlier organ wins
         label[binaries[o]] = organs.index(o) + 1
     overlaps = {}
     names = list(binaries)
