@@ -490,6 +490,7 @@ class TrainingCurvePlotter:
         self._trainer: Engine | None = None
         self._loss_sum: torch.Tensor | None = None
         self._loss_n = 0
+        self._resumed_checked = False
 
     @property
     def csv_path(self) -> str:
@@ -501,7 +502,6 @@ class TrainingCurvePlotter:
 
     def attach(self, engine: Engine) -> None:
         self._trainer = engine
-        engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
@@ -509,17 +509,18 @@ class TrainingCurvePlotter:
         if self.evaluator is not None:
             self.evaluator.add_event_handler(Events.COMPLETED, self._validated)
 
-    def _started(self, engine: Engine) -> None:
-        # resumed run: keep the curves of the epochs already done
-        if engine.state.epoch > 0 and not self.history and os.path.isfile(self.csv_path):
-            with open(self.csv_path, newline="") as f:
-                for row in csv.DictReader(f):
-                    epoch = int(row.pop("epoch"))
-                    if epoch <= engine.state.epoch:
-                        self.history[epoch] = {k: float(v) for k, v in row.items() if v not in ("", None)}
-
     def _epoch_started(self, engine: Engine) -> None:
         self._loss_sum, self._loss_n = None, 0
+        if not self._resumed_checked:
+            # First epoch of this run. Done here, not at STARTED, so that a checkpoint loader attached at STARTED
+            # (in any order) has already restored the epoch: a resumed run keeps the curves of the earlier epochs.
+            self._resumed_checked = True
+            if engine.state.epoch > 1 and os.path.isfile(self.csv_path):
+                with open(self.csv_path, newline="") as f:
+                    for row in csv.DictReader(f):
+                        epoch = int(row.pop("epoch"))
+                        if epoch < engine.state.epoch and epoch not in self.history:
+                            self.history[epoch] = {k: float(v) for k, v in row.items() if v not in ("", None)}
 
     def _iteration(self, engine: Engine) -> None:
         loss = self.loss_transform(engine.state.output)

@@ -253,11 +253,15 @@ def test_training_curve_plotter_records_and_resumes(tmp_path):
     assert saved_epochs[1] >= 1  # written during training (every 2 epochs), not only at the end
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
 
-    # resume: a new plotter on a trainer continuing from epoch 2 keeps epochs 1-2 and replaces epoch 3
+    # resume: a new plotter on a trainer whose checkpoint loader (attached after it, at STARTED, like MONAI's
+    # CheckpointLoader) restores epoch 2: epochs 1-2 are kept from the CSV, epoch 3 is replaced, 4 added
     resumed = Engine(train_step)
     TrainingCurvePlotter(tmp_path, every_n_epochs=0).attach(resumed)
-    resumed.state.epoch, resumed.state.max_epochs = 2, 4
-    resumed.state.iteration = 2 * len(data)
+
+    @resumed.on(Events.STARTED)
+    def _load_checkpoint(engine):
+        engine.state.epoch, engine.state.iteration = 2, 2 * len(data)
+
     resumed.run(data, max_epochs=4)
     rows2 = _read_csv(tmp_path / "training_curves.csv")
     assert [int(r["epoch"]) for r in rows2] == [1, 2, 3, 4]
