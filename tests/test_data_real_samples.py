@@ -43,4 +43,4 @@ def test_real_visceral_sample(tmp_path):
     label = np.asanyarray(nib.load(tmp_path / it["label"]).dataobj)
     liver = np.asanyarray(nib.load(VISCERAL / "Segmentations" / "10000001_1_CTce_ThAb_58_1.nii.gz").dataobj) > 0
     np.testing.assert_array_equal(label == 1, liver)
-    assert it["missing"] == ["trachea"]
+    assert doc["cases"]["visceral_10000001_1_ctce_thab"]["missing"] == ["trachea"]

@@ -6,10 +6,9 @@ lowest ``n`` is used. The default organ set is all 16 structures of :data:`RADLE
 
 Overlap rule: where masks overlap, the structure with fewer voxels in that volume wins (on equal counts, the one
 earlier in the organ list), so small structures such as adrenal glands or the gallbladder are not swallowed by the
-liver; overlapping voxel counts per pair are written to the datalist item (``"overlaps"``) and summed at the top
-level. A structure without a mask file is
-listed in the item's ``"missing"`` and gets no voxels. A mask whose shape or affine differs from its volume is an
-error.
+liver; overlapping voxel counts per pair are written to the datalist (``"cases": {case: {"overlaps": ...}}``) and
+summed in ``"overlaps"``. A structure without a mask file is listed in ``"cases": {case: {"missing": [...]}}`` and
+gets no voxels. A mask whose shape or affine differs from its volume is an error.
 """
 
 from __future__ import annotations
@@ -220,13 +219,18 @@ def prepare_visceral(
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     jobs = [(v, seg_dir, names, out) for v in volumes]
     results = run_patients(_prepare_volume, jobs, workers, "prepare visceral", progress)
-    items = [r[0] for r in results]
+    # per-case details go to a top-level "cases" map: training items keep only collatable scalar fields
+    items, cases = [], {}
     total_overlap: dict[str, int] = {}
-    for it in items:
-        for k, v in it["overlaps"].items():
+    for r in results:
+        it = dict(r[0])
+        case = Path(it["image"]).name.split(".")[0]
+        cases[case] = {"missing": it.pop("missing"), "overlaps": it.pop("overlaps")}
+        items.append(it)
+        for k, v in cases[case]["overlaps"].items():
             total_overlap[k] = total_overlap.get(k, 0) + v
-        if it["missing"]:
-            print(f"note: {Path(it['image']).name}: no mask for {', '.join(it['missing'])}")
+        if cases[case]["missing"]:
+            print(f"note: {case}: no mask for {', '.join(cases[case]['missing'])}")
     if total_overlap:
         print(f"overlaps resolved (smaller structure wins), voxels: {total_overlap}")
     return write_datalist(
@@ -240,7 +244,8 @@ def prepare_visceral(
         seed=seed,
         extra={
             "radlex": {n: RADLEX_IDS[n] for n in names},
-            "overlap_rule": "smaller structure (fewer voxels in the volume) wins",
+            "overlap_rule": "smaller structure (fewer voxels in the volume) wins; ties: earlier in the organ list",
             "overlaps": total_overlap,
+            "cases": cases,
         },
     )
