@@ -1,0 +1,1 @@
+"""Infer and train tasks of the scse_monai MONAI Label app."""

@@ -1,0 +1,101 @@
+"""Train task built from the bundle's ``train.json``: fine-tunes the served weights on the studies' final labels.
+
+Built on MONAI Label's ``BundleTrainTask`` (which overrides ``bundle_root``, ``device``,
+``train#trainer#max_epochs``, ``train#dataset#data``, ``validate#dataset#data`` and ``train#handlers`` and runs
+``monai.bundle.run``); what this bundle needs beyond that is set in :meth:`_update_overrides`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.tasks.train.bundle import BundleTrainTask
+
+__all__ = ["BundleSegmentationTrainTask"]
+
+logger = logging.getLogger(__name__)
+
+
+class BundleSegmentationTrainTask(BundleTrainTask):
+    """Fine-tune from ``models/model.pt`` on every image of the datastore that has a final label.
+
+    The loss's median-frequency class weights come from the labelled images (a ``datalist.json`` with their
+    ``class_voxel_counts`` is written into the workspace), never from the bundle's default synthetic data set;
+    resuming from older epoch checkpoints is off, because every request is a new fine-tuning run.
+    Checkpoints are written into the workspace's ``models/``: the best-metric one replaces ``model.pt``, which
+    the infer task then reloads.
+
+    Args:
+        bundle_dir: bundle folder (the app's workspace copy).
+        conf: the app's ``--conf`` values.
+        num_classes: label values ``0..num_classes-1`` counted for the class weights.
+
+    Example:
+        >>> task = BundleSegmentationTrainTask("studies/.scse_monai/bundle", {})  # doctest: +SKIP
+    """
+
+    def __init__(self, bundle_dir: str | Path, conf: dict[str, str], num_classes: int = 5):
+        super().__init__(str(bundle_dir), conf)
+        self.num_classes = num_classes
+
+    def config(self) -> dict:
+        options = super().config()
+        options.update({"max_epochs": 10, "val_split": 0.2, "multi_gpu": False})
+        return options
+
+    def _fetch_datalist(self, request, datastore: Datastore) -> list[dict]:
+        datalist = [{"image": d["image"], "label": d["label"]} for d in datastore.datalist() if d]
+        if not datalist:
+            raise MONAILabelException(
+                MONAILabelError.INVALID_INPUT, "no image in the studies folder has a final label to train on"
+            )
+        return datalist
+
+    def _partition_datalist(self, datalist, request, shuffle=False):
+        train, val = super()._partition_datalist(datalist, request, shuffle)
+        if val is not None and not val and len(datalist) > 1:  # too few images for the ratio: keep one for val
+            train, val = datalist[:-1], datalist[-1:]
+        elif val is not None and not val:
+            val = list(train)  # a single labelled image: validate on it rather than not at all
+        return train, val
+
+    def _class_counts(self, items: list[dict]) -> dict[str, int]:
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for item in items:
+            label = np.asarray(nib.load(item["label"]).dataobj).astype(np.int64).ravel()
+            if label.size and (label.min() < 0 or label.max() >= self.num_classes):
+                raise MONAILabelException(
+                    MONAILabelError.INVALID_INPUT,
+                    f"label {item['label']}: values outside 0..{self.num_classes - 1}",
+                )
+            counts += np.bincount(label, minlength=self.num_classes)
+        return {str(k): int(v) for k, v in enumerate(counts)}
+
+    def _update_overrides(self, overrides: dict) -> dict:
+        train_items = overrides[self.const.key_train_dataset_data()]
+        work = Path(self.bundle_path) / "monailabel_train"
+        work.mkdir(exist_ok=True)
+        counts = self._class_counts(train_items)
+        datalist = {"name": "monailabel", "training": train_items, "class_voxel_counts": counts}
+        tmp = work / "datalist.json.partial"
+        tmp.write_text(json.dumps(datalist, indent=2))
+        os.replace(tmp, work / "datalist.json")
+        overrides.update(
+            {
+                "dataset_dir": str(work),
+                "datalist_file": str(work / "datalist.json"),
+                "synthetic_if_missing": False,
+                "resume": False,
+                "cache_rate": 0.0,
+                "num_workers": 0,
+            }
+        )
+        logger.info(f"Fine-tuning on {len(train_items)} labelled images; class counts {datalist['class_voxel_counts']}")
+        return overrides
