@@ -29,6 +29,7 @@ import csv
 import io
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -192,6 +193,11 @@ def _resolve_classes(
     return num_classes, [f"class{c}" for c in range(first, num_classes)]
 
 
+def _key(label: str) -> str:
+    """Class label as a metric key / CSV column part: spaces and symbols become ``_`` ("right kidney")."""
+    return re.sub(r"[^\w.-]+", "_", label.strip()) or "class"
+
+
 def _check_metric(metric: str) -> str:
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
@@ -212,7 +218,8 @@ class SegmentationMetric(Metric):
         include_background: report class 0 too.
         metric: ``"dice"`` or ``"jaccard"``.
         class_names: names of the reported classes (list) or ``{"label index": name}`` (e.g. a bundle's
-            ``channel_def``); used for the per-class keys ``"<name>_<class>"``; default ``class<i>``.
+            ``channel_def``); used for the per-class keys ``"<name>_<class>"`` (spaces and symbols in a class
+            name become ``_``: ``"right kidney"`` -> ``right_kidney``); default ``class<i>``.
         per_class: also put each class's value in ``engine.state.metrics``.
         save_details: put the case x class table into ``engine.state.metric_details[name]`` (float64 tensor,
             NaN where the class is absent from prediction and label of a case).
@@ -276,7 +283,7 @@ class SegmentationMetric(Metric):
         engine.state.metrics[name] = value
         if self.per_class:
             for label, v in zip(self.class_labels, result[self.metric].tolist(), strict=True):
-                engine.state.metrics[f"{name}_{label}"] = float(v)
+                engine.state.metrics[f"{name}_{_key(label)}"] = float(v)
         if self.save_details:
             if not hasattr(engine.state, "metric_details"):
                 engine.state.metric_details = {}
@@ -311,7 +318,8 @@ class PerCaseMetricsSaver:
     Files in ``output_dir`` (replaced atomically each time; written by rank 0 only, after all ranks' cases are
     gathered):
 
-    - ``<prefix>_per_case.csv``: ``case, dice_<class>..., jaccard_<class>...`` (empty cell = class absent from
+    - ``<prefix>_per_case.csv``: ``case, dice_<class>..., jaccard_<class>...`` (class names with spaces and
+      symbols replaced by ``_``; empty cell = class absent from
       both prediction and label of that case);
     - ``<prefix>_summary.csv``: one row per class (and a ``mean`` row over classes): mean / std / median over
       cases (NaN cases left out; population std, as MONAI's ``MetricsSaver``), number of cases scored, and the
@@ -386,7 +394,7 @@ class PerCaseMetricsSaver:
         labels = self.class_labels
         case_dice = np.asarray(result["case_dice"], dtype=np.float64)
         case_jac = np.asarray(result["case_jaccard"], dtype=np.float64)
-        header = ["case"] + [f"dice_{c}" for c in labels] + [f"jaccard_{c}" for c in labels]
+        header = ["case"] + [f"dice_{_key(c)}" for c in labels] + [f"jaccard_{_key(c)}" for c in labels]
         rows = [
             [name, *map(float, d), *map(float, j)]
             for name, d, j in zip(result["case_names"], case_dice, case_jac, strict=True)
@@ -404,7 +412,7 @@ class PerCaseMetricsSaver:
         glob_j = np.asarray(result["jaccard"], dtype=np.float64)
         for k, label in enumerate(labels):
             n = int((~np.isnan(case_dice[:, k])).sum())
-            summary.append([label, *stats(case_dice[:, k]), *stats(case_jac[:, k]), n, glob_d[k], glob_j[k]])
+            summary.append([_key(label), *stats(case_dice[:, k]), *stats(case_jac[:, k]), n, glob_d[k], glob_j[k]])
         # "mean" row: per case, the mean over the classes scored in that case
         with np.errstate(all="ignore"):
             case_mean_d = _row_nanmean(case_dice)

@@ -23,7 +23,8 @@ from scse_monai.handlers import (
 )
 
 C = 4
-CLASS_NAMES = ["liver", "right_kidney", "left_kidney", "spleen"][: C - 1]
+CLASS_NAMES = ["liver", "right kidney", "left kidney", "spleen"][: C - 1]  # as in datalist "labels"
+KEYS = [n.replace(" ", "_") for n in CLASS_NAMES]
 
 
 def _cases(n: int = 5, seed: int = 0) -> list[dict]:
@@ -135,7 +136,7 @@ def test_key_and_additional_metrics_in_evaluator(evaluated):
     metrics = evaluator.state.metrics
     assert metrics["val_mean_dice"] == pytest.approx(np.nanmean(ref["dice"]))
     assert metrics["val_mean_jaccard"] == pytest.approx(np.nanmean(ref["jaccard"]))
-    for k, name in enumerate(CLASS_NAMES):
+    for k, name in enumerate(KEYS):
         assert metrics[f"val_mean_dice_{name}"] == pytest.approx(ref["dice"][k])
         assert metrics[f"val_mean_jaccard_class{k + 1}"] == pytest.approx(ref["jaccard"][k])
     details = evaluator.state.metric_details
@@ -156,13 +157,13 @@ def test_per_case_saver_files(evaluated):
     rows = _read_csv(out / "metrics_per_case.csv")
     assert [r["case"] for r in rows] == [f"patient_{i:02d}" for i in range(len(items))]
     for i, row in enumerate(rows):
-        for k, name in enumerate(CLASS_NAMES):
+        for k, name in enumerate(KEYS):
             for metric in ("dice", "jaccard"):
                 expected = ref[f"case_{metric}"][i, k]
                 cell = row[f"{metric}_{name}"]
                 assert (cell == "") if math.isnan(expected) else float(cell) == pytest.approx(expected, rel=1e-5)
     summary = {r["class"]: r for r in _read_csv(out / "metrics_summary.csv")}
-    for k, name in enumerate(CLASS_NAMES):
+    for k, name in enumerate(KEYS):
         col = ref["case_dice"][:, k]
         valid = col[~np.isnan(col)]
         assert float(summary[name]["dice_mean"]) == pytest.approx(valid.mean(), rel=1e-5)
