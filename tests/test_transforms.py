@@ -115,3 +115,58 @@ def test_chain_on_prepared_phantom(tmp_path):
     slicer = RandForegroundSlicesd(keys, label_key="label", num_samples=3)
     for s in slicer(vol):
         assert tuple(s["image"].shape) == (1, *lab.shape[:2])
+
+
+def test_bundle_style_config_chain(tmp_path):
+    """The JSON chain given to the bundle author parses with ConfigParser and yields 2D training slices and
+    3D validation volumes that SliceInferer can run a 2D network over."""
+    from monai.bundle import ConfigParser
+
+    raw = synthesize("chaos-mr", tmp_path / "raw", cases=1, seed=4, size=48, slices=(8, 8), progress=False)
+    datalist = prepare_chaos(raw, "mr-t2spir", tmp_path / "out", folds=1, workers=1, progress=False)
+    item = json.loads(datalist.read_text())["training"][0]
+    keys = ["image", "label"]
+    config = {
+        "spatial": [64, 64],
+        "base": [
+            {"_target_": "LoadImaged", "keys": keys, "image_only": True},
+            {"_target_": "EnsureChannelFirstd", "keys": keys},
+            {"_target_": "Orientationd", "keys": keys, "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": keys, "pixdim": [6.0, 6.0, -1], "mode": ["bilinear", "nearest"]},
+            {"_target_": "scse_monai.transforms.NormalizeModalityd", "keys": "image", "modality": "MR"},
+            {"_target_": "ResizeWithPadOrCropd", "keys": keys, "spatial_size": "$@spatial + [-1]"},
+            {"_target_": "EnsureTyped", "keys": keys},
+        ],
+        "train_extra": [
+            {
+                "_target_": "scse_monai.transforms.RandForegroundSlicesd",
+                "keys": keys,
+                "label_key": "label",
+                "num_samples": 4,
+                "pos": 2,
+                "neg": 1,
+            },
+            {
+                "_target_": "scse_monai.transforms.RandFlipLeftRightd",
+                "keys": keys,
+                "label_keys": "label",
+                "swap_pairs": [[2, 3]],
+                "prob": 0.5,
+            },
+        ],  # fmt: skip
+        "train": {"_target_": "Compose", "transforms": "$@base + @train_extra"},
+        "val": {"_target_": "Compose", "transforms": "$@base"},
+        "inferer": {"_target_": "SliceInferer", "roi_size": "@spatial", "spatial_dim": 2, "sw_batch_size": 4},
+    }
+    parser = ConfigParser(config)
+    data = {k: str(tmp_path / "out" / item[k]) for k in keys}
+    samples = parser.get_parsed_content("train")(data)
+    assert len(samples) == 4
+    for s in samples:
+        assert tuple(s["image"].shape) == (1, 64, 64) and tuple(s["label"].shape) == (1, 64, 64)
+        assert float(s["image"].min()) >= 0.0 and float(s["image"].max()) <= 1.0
+        assert set(np.unique(np.asarray(s["label"]))) <= {0, 1, 2, 3, 4}
+    val = parser.get_parsed_content("val")(data)
+    assert tuple(val["image"].shape) == (1, 64, 64, 8)
+    logits = parser.get_parsed_content("inferer")(val["image"][None], torch.nn.Conv2d(1, 5, 3, padding=1))
+    assert tuple(logits.shape) == (1, 5, 64, 64, 8)
