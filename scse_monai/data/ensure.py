@@ -9,10 +9,11 @@ from pathlib import Path
 
 from .chaos import prepare_chaos
 from .synthetic import synthesize
+from .visceral import prepare_visceral
 
 __all__ = ["ensure_synthetic_dataset"]
 
-_TASK = {"chaos-mr": "mr-t2spir", "chaos-ct": "ct-liver"}
+_TASK = {"chaos-mr": "mr-t2spir", "chaos-ct": "ct-liver", "visceral": None}
 
 
 def ensure_synthetic_dataset(dataset_dir: str | Path, layout: str = "chaos-mr", cases: int = 6, seed: int = 0) -> Path:
@@ -25,7 +26,7 @@ def ensure_synthetic_dataset(dataset_dir: str | Path, layout: str = "chaos-mr", 
 
     Args:
         dataset_dir: prepared dataset folder.
-        layout: ``"chaos-mr"`` (T2-SPIR, 4 organs) or ``"chaos-ct"`` (liver).
+        layout: ``"chaos-mr"`` (T2-SPIR, 4 organs), ``"chaos-ct"`` (liver) or ``"visceral"`` (CT, 16 structures).
         cases: number of synthetic patients (>= 2 for 2 folds).
         seed: random seed.
 
@@ -57,7 +58,11 @@ def ensure_synthetic_dataset(dataset_dir: str | Path, layout: str = "chaos-mr", 
         try:
             raw = synthesize(layout, work / "raw", cases=cases, seed=seed, size=96, slices=(12, 20), progress=False)
             prepared = work / "prepared"
-            prepare_chaos(raw, _TASK[layout], prepared, folds=min(5, cases), seed=seed, workers=1, progress=False)
+            folds = min(5, cases)
+            if layout == "visceral":
+                prepare_visceral(raw, prepared, folds=folds, seed=seed, workers=1, progress=False)
+            else:
+                prepare_chaos(raw, _TASK[layout], prepared, folds=folds, seed=seed, workers=1, progress=False)
             prepared.rename(dataset_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
