@@ -13,7 +13,11 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scse_monai.data", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m scse_monai.data",
+        description="Prepare CHAOS / VISCERAL as distributed into NIfTI + datalist.json, write synthetic phantoms in "
+        "those native layouts, and preview prepared cases. Bad input: one-line error, exit code 2.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare", help="convert a dataset in its native layout to NIfTI + datalist.json")

@@ -191,7 +191,7 @@ def prepare_visceral(
         folds: number of patient-level folds.
         seed: fold shuffle seed.
         workers: parallel processes.
-        progress: show a progress bar.
+        progress: show a progress bar and print missing structures / resolved overlaps.
 
     Returns:
         path of ``OUT/datalist.json``.
@@ -229,9 +229,9 @@ def prepare_visceral(
         items.append(it)
         for k, v in cases[case]["overlaps"].items():
             total_overlap[k] = total_overlap.get(k, 0) + v
-        if cases[case]["missing"]:
+        if cases[case]["missing"] and progress:
             print(f"note: {case}: no mask for {', '.join(cases[case]['missing'])}")
-    if total_overlap:
+    if total_overlap and progress:
         print(f"overlaps resolved (smaller structure wins), voxels: {total_overlap}")
     return write_datalist(
         out,
