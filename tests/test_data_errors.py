@@ -151,3 +151,14 @@ def test_visceral_mask_geometry(pristine, tmp_path, capsys):
     assert code == 2 and "Traceback" not in err
     assert "patient 10000001" in err and "10000001_1_CTce_ThAb_58_1.nii.gz" in err and "geometry" in err
     assert not list(out.rglob("*.nii.gz")) and not (out / "datalist.json").exists()
+
+
+def test_out_holding_another_dataset_is_not_overwritten(raw, tmp_path, capsys):
+    out = tmp_path / "out"
+    prepare_chaos(raw, "mr-t2spir", out, folds=2, workers=1, progress=False)
+    before = (out / "datalist.json").read_text()
+    code = main(["prepare", "chaos", "--root", str(raw), "--task", "mr-t1dual", "--out", str(out), "--folds", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds a different prepared dataset" in err and "datalist.json" in err
+    assert (out / "datalist.json").read_text() == before
+    assert not list(out.rglob("chaos_mr_t1dual_*"))

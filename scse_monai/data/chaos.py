@@ -27,7 +27,15 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .datalist import _tmp_path, atomic_replace_all, check_folds, count_classes, save_nifti_atomic, write_datalist
+from .datalist import (
+    _tmp_path,
+    atomic_replace_all,
+    check_folds,
+    check_out_dir,
+    count_classes,
+    save_nifti_atomic,
+    write_datalist,
+)
 from .dicom_series import DicomVolume, read_dicom_series
 from .errors import DataPreparationError
 
@@ -278,6 +286,7 @@ def prepare_chaos(
     if not pids:
         raise DataPreparationError("no patient folders", file=root / spec.folder)
     check_folds(len(pids), folds)
+    check_out_dir(out, f"CHAOS {task}")
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     jobs = [(root, task, pid, out) for pid in pids]

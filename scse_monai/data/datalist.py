@@ -23,6 +23,20 @@ def check_folds(n_patients: int, folds: int) -> None:
         )
 
 
+def check_out_dir(out: Path, name: str) -> None:
+    """Refuse to mix datasets: ``out/datalist.json`` must be absent or have the same ``name``."""
+    path = Path(out) / "datalist.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text()).get("name")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if old != name:
+            raise DataPreparationError(
+                f"holds a different prepared dataset ({old!r}, not {name!r}); choose another --out", file=path
+            )
+
+
 def assign_folds(patients: Sequence[str], folds: int, seed: int = 0) -> dict[str, int]:
     """Assign each patient to one of ``folds`` folds (shuffled with ``seed``, sizes differ by at most one).
 

@@ -23,7 +23,15 @@ import nibabel as nib
 import numpy as np
 
 from .chaos import run_patients
-from .datalist import _tmp_path, atomic_replace_all, check_folds, count_classes, save_nifti_atomic, write_datalist
+from .datalist import (
+    _tmp_path,
+    atomic_replace_all,
+    check_folds,
+    check_out_dir,
+    count_classes,
+    save_nifti_atomic,
+    write_datalist,
+)
 from .errors import DataPreparationError
 
 __all__ = ["prepare_visceral", "RADLEX_IDS", "DEFAULT_ORGANS"]
@@ -215,6 +223,7 @@ def prepare_visceral(
     mods = {"MR" if re.search(r"_MR", _stem(v), re.I) else "CT" for v in volumes}
     if len(mods) > 1:
         raise DataPreparationError("CT and MR volumes mixed; prepare them into separate folders", file=vol_dir)
+    check_out_dir(out, "VISCERAL Anatomy3")
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     jobs = [(v, seg_dir, names, out) for v in volumes]
