@@ -1,0 +1,209 @@
+"""Integration tests of the MONAI Label app against a live ``monailabel start_server`` on a loopback port.
+
+The server runs in ``.venv-label`` (MONAI Label 0.8.5, pydicom 2, numpy 1) and is driven over HTTP from the core
+environment. Studies are synthetic CHAOS-MR volumes prepared to NIfTI; two of three carry final labels for training.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+LABEL_PY = REPO / ".venv-label" / "bin" / "python"
+MODEL = "scse_unet"
+ORGANS = {"liver": 1, "right kidney": 2, "left kidney": 3, "spleen": 4}  # bundle metadata channel_def, written out
+
+pytestmark = [
+    pytest.mark.label,
+    pytest.mark.slow,
+    pytest.mark.skipif(not LABEL_PY.exists(), reason="needs .venv-label: run `make label-setup` (make test does)"),
+    pytest.mark.skipif(not (BUNDLE / "configs" / "train.json").exists(), reason="bundle/configs not present"),
+]
+
+
+def _network(bundle_dir: Path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle_dir)
+    return parser
+
+
+def _bundle_copy(dst: Path) -> Path:
+    """The committed bundle's configs and weights; seeded random weights while no model.pt is committed."""
+    shutil.copytree(BUNDLE / "configs", dst / "configs")
+    (dst / "models").mkdir()
+    if (BUNDLE / "models" / "model.pt").exists():
+        shutil.copy(BUNDLE / "models" / "model.pt", dst / "models" / "model.pt")
+    else:
+        torch.manual_seed(0)
+        net = _network(dst).get_parsed_content("network_def")
+        torch.save(net.state_dict(), dst / "models" / "model.pt")
+    return dst
+
+
+def _studies(tmp: Path) -> Path:
+    from scse_monai.data import prepare_chaos, synthesize
+
+    raw = synthesize("chaos-mr", tmp / "raw" / "Train_Sets", cases=3, seed=7, size=48, slices=(6, 6), progress=False)
+    prepare_chaos(raw, "mr-t2spir", tmp / "prepared", folds=2, workers=1, progress=False)
+    studies = tmp / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for i, image in enumerate(sorted((tmp / "prepared" / "imagesTr").glob("*.nii.gz"))):
+        shutil.copy(image, studies / image.name)
+        if i < 2:  # two labelled studies to train on, one without a label
+            shutil.copy(tmp / "prepared" / "labelsTr" / image.name, studies / "labels" / "final" / image.name)
+    return studies
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, method: str = "GET", body: dict | None = None, timeout: float = 300) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("monailabel")
+    bundle = _bundle_copy(tmp / "bundle")
+    studies = _studies(tmp)
+    workspace = tmp / "workspace"
+    port = _free_port()
+    log = (tmp / "server.log").open("w")
+    cmd = [
+        LABEL_PY, "-m", "monailabel.main", "start_server", "--app", REPO / "scse_monai" / "apps" / "monailabel",
+        "--studies", studies, "--host", "127.0.0.1", "--port", port,
+        "--conf", "bundle", bundle, "--conf", "workspace", workspace,
+    ]  # fmt: skip
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-4000:]}")
+            try:
+                if _request(f"{url}/info/", timeout=5)[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after 180 s:\n{(tmp / 'server.log').read_text()[-4000:]}")
+            time.sleep(1)
+        yield {"url": url, "studies": studies, "bundle": bundle, "workspace": workspace, "log": tmp / "server.log"}
+    finally:
+        proc.terminate()  # by PID: only the server this fixture started
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_info_lists_model_and_organ_labels(server):
+    status, body = _request(f"{server['url']}/info/")
+    assert status == 200
+    info = json.loads(body)
+    model = info["models"][MODEL]
+    assert model["type"] == "segmentation"
+    assert model["dimension"] == 3  # a 2D network served on volumes
+    assert model["labels"] == ORGANS
+    assert info["labels"] == ORGANS
+    assert MODEL in info["trainers"]
+
+
+def _bundle_reference(server, image: Path) -> np.ndarray:
+    """The bundle's own inference config on ``image`` in the core environment (same weights), as a label map."""
+    parser = _network(server["bundle"])
+    parser["postprocessing"]["transforms"] = [
+        t for t in parser["postprocessing"]["transforms"] if "SaveImage" not in str(t.get("_target_", ""))
+    ]
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(server["bundle"] / "models" / "model.pt", weights_only=True))
+    data = parser.get_parsed_content("preprocessing")({"image": str(image)})
+    with torch.no_grad():
+        data["pred"] = parser.get_parsed_content("inferer")(data["image"][None], net.eval())[0]
+    return np.asarray(parser.get_parsed_content("postprocessing")(data)["pred"]).squeeze().astype(np.uint8)
+
+
+def test_infer_returns_label_volume_on_the_image_grid(server, tmp_path):
+    image = sorted(server["studies"].glob("*.nii.gz"))[-1]
+    image_id = image.name[: -len(".nii.gz")]
+    status, body = _request(f"{server['url']}/infer/{MODEL}?image={image_id}&output=image", method="POST")
+    assert status == 200, body[-2000:]
+    (tmp_path / "pred.nii.gz").write_bytes(body)
+    pred, src = nib.load(tmp_path / "pred.nii.gz"), nib.load(image)
+    assert pred.shape == src.shape
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+    labels = np.asarray(pred.dataobj)
+    assert np.array_equal(labels, np.rint(labels)) and set(np.unique(labels)) <= {0, 1, 2, 3, 4}
+
+    ref = _bundle_reference(server, image)
+    agree = float(np.mean(labels.astype(np.uint8) == ref))
+    assert agree >= 0.99, f"server and bundle inference agree on {agree:.4f} of the voxels"
+    if (BUNDLE / "models" / "model.pt").exists():  # trained weights: the phantom's organs must show up
+        assert len(set(np.unique(labels)) - {0}) >= 2, f"trained model found organs {np.unique(labels)}"
+
+
+def test_unknown_model_or_image_is_404_and_server_keeps_serving(server):
+    image_id = sorted(server["studies"].glob("*.nii.gz"))[0].name[: -len(".nii.gz")]
+    status, body = _request(f"{server['url']}/infer/no_such_model?image={image_id}&output=image", method="POST")
+    assert status == 404 and b"no_such_model" in body
+    status, body = _request(f"{server['url']}/infer/{MODEL}?image=no_such_image&output=image", method="POST")
+    assert status == 404 and b"no_such_image" in body
+    assert _request(f"{server['url']}/info/")[0] == 200
+
+
+def test_train_one_epoch_writes_a_checkpoint(server):
+    models = server["workspace"] / "models"
+    before = {p.name: p.stat().st_mtime_ns for p in models.glob("*.pt")}
+    # asynchronous, as MONAI Label clients do: the server trains in a subprocess and keeps serving meanwhile
+    status, body = _request(
+        f"{server['url']}/train/{MODEL}", method="POST", body={"max_epochs": 1, "device": "cpu", "val_split": 0.5}
+    )
+    assert status == 200, body[-2000:]
+    assert _request(f"{server['url']}/info/")[0] == 200
+    deadline = time.monotonic() + 600
+    while True:
+        status, body = _request(f"{server['url']}/train/")
+        task = json.loads(body)
+        if status == 200 and task.get("status") in ("DONE", "ERROR"):
+            break
+        assert time.monotonic() < deadline, f"training still running after 600 s: {task}"
+        time.sleep(2)
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+
+    epoch_ckpt = models / "checkpoint_epoch=1.pt"
+    assert epoch_ckpt.exists(), sorted(p.name for p in models.iterdir())
+    assert (models / "model.pt").stat().st_mtime_ns != before["model.pt"], "best-metric model.pt not rewritten"
+    expected = set(_network(server["bundle"]).get_parsed_content("network_def").state_dict())
+    state = torch.load(models / "model.pt", weights_only=True)
+    state = state.get("model", state)
+    assert set(state) == expected
+    assert not any(p.name.endswith(".partial") for p in models.iterdir())
+    assert "Fine-tuning on 1 labelled images" in server["log"].read_text()
