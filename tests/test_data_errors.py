@@ -162,3 +162,11 @@ def test_out_holding_another_dataset_is_not_overwritten(raw, tmp_path, capsys):
     assert code == 2 and "holds a different prepared dataset" in err and "datalist.json" in err
     assert (out / "datalist.json").read_text() == before
     assert not list(out.rglob("chaos_mr_t1dual_*"))
+
+
+def test_synthesize_never_overwrites(raw, capsys):
+    before = sorted(p.name for p in (raw / "MR" / "1" / "T2SPIR" / "DICOM_anon").iterdir())
+    code = main(["synthesize", "--layout", "chaos-mr", "--out", str(raw), "--cases", "1", "--size", "32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already exists; not overwriting" in err and "Traceback" not in err
+    assert sorted(p.name for p in (raw / "MR" / "1" / "T2SPIR" / "DICOM_anon").iterdir()) == before

@@ -26,6 +26,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .errors import DataPreparationError
+
 __all__ = ["synthesize", "make_phantom", "write_dicom_series", "Phantom", "LAYOUTS"]
 
 LAYOUTS = ("chaos-ct", "chaos-mr", "visceral")
@@ -464,6 +466,9 @@ def synthesize(layout: str, out: str | Path, cases: int, seed: int = 0, **kw) ->
     Returns:
         ``out`` as a Path.
 
+    Raises:
+        DataPreparationError: a patient folder / volume it would write already exists (nothing is overwritten).
+
     Example:
         >>> synthesize("chaos-mr", tmp_path / "Train_Sets", cases=2, size=64, slices=(10, 12))  # doctest: +SKIP
     """
@@ -472,6 +477,14 @@ def synthesize(layout: str, out: str | Path, cases: int, seed: int = 0, **kw) ->
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}")
     out = Path(out)
+    # never overwrite: refuse if any target patient folder / volume already exists
+    for c in range(cases):
+        if layout == "visceral":
+            target = out / "Volumes" / f"{10000001 + c}_1_CTce_ThAb.nii.gz"
+        else:
+            target = out / ("CT" if layout == "chaos-ct" else "MR") / str(c + 1)
+        if target.exists():
+            raise DataPreparationError("already exists; not overwriting (choose an empty --out)", file=target)
     out.mkdir(parents=True, exist_ok=True)
     size = int(kw.get("size", 128))
     smin, smax = kw.get("slices", (24, 36))
