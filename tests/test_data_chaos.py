@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -153,3 +154,26 @@ def test_cli_prepare_and_preview(chaos_raw, tmp_path, capsys):
     assert Image.open(png).size[0] > 300
     assert main(["preview", "--datalist", datalist, "--case", "nope", "--out", str(png)]) == 2
     assert "case 'nope' not in datalist" in capsys.readouterr().err
+
+
+def test_t1dual_masks_named_after_opposed_phase(chaos_raw, tmp_path):
+    """Ground PNGs carrying the opposed-phase file names are paired with those slices (same geometry)."""
+    root = tmp_path / "Train_Sets"
+    shutil.copytree(chaos_raw / "MR" / "1", root / "MR" / "1")
+    shutil.copytree(chaos_raw / "MR" / "2", root / "MR" / "2")
+    for pid in ("1", "2"):
+        base = root / "MR" / pid / "T1DUAL"
+        by_pos = {}
+        for phase in ("InPhase", "OutPhase"):
+            for f in (base / "DICOM_anon" / phase).iterdir():
+                z = round(float(pydicom.dcmread(f).ImagePositionPatient[2]), 2)
+                by_pos.setdefault(z, {})[phase] = f.stem
+        for names in by_pos.values():
+            (base / "Ground" / f"{names['InPhase']}.png").rename(base / "Ground" / f"{names['OutPhase']}.tmp")
+        for p in (base / "Ground").glob("*.tmp"):
+            p.rename(p.with_suffix(".png"))
+    out = tmp_path / "out"
+    prepare_chaos(root, "mr-t1dual", out, folds=2, workers=1, progress=False)
+    base = root / "MR" / "2" / "T1DUAL"
+    _check_alignment(out, "chaos_mr_t1dual_02", base / "DICOM_anon" / "OutPhase", base / "Ground",
+                     lambda n: n.replace(".dcm", ".png"), GRAY, channel=1)  # fmt: skip
