@@ -126,7 +126,7 @@ def check_inputs(input_path: Path, model_path: Path) -> tuple[Path, list[Path], 
         )
 
     if model_path.is_dir():
-        candidates = sorted(model_path.glob("*.ts"))
+        candidates = sorted(model_path.rglob("*.ts"))  # a MAP mounts models as models/<name>/<file>
         if len(candidates) != 1:
             raise InputError(
                 f"model {model_path}: expected exactly one *.ts TorchScript bundle, found {len(candidates)}"
