@@ -1,0 +1,271 @@
+"""SE blocks against the paper's equations, computed independently from each layer's weights."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import LayerFactory
+from torch import nn
+
+from scse_monai.blocks import (
+    AGGREGATIONS,
+    SE,
+    ChannelSELayer,
+    ChannelSpatialSELayer,
+    SpatialSELayer,
+    get_se_layer,
+)
+
+DIMS = [1, 2, 3]
+
+
+def rand(spatial_dims, b=2, c=6, size=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((b, c) + (size,) * spatial_dims, generator=g, dtype=dtype)
+
+
+def direct_cse_gate(layer: ChannelSELayer, x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(W2 relu(W1 z + b1) + b2), z the channel means, written out from the Linear weights."""
+    z = x.flatten(2).mean(-1)  # (B, C)
+    w1, b1 = layer.fc[0].weight, layer.fc[0].bias
+    w2, b2 = layer.fc[2].weight, layer.fc[2].bias
+    s = torch.sigmoid(torch.relu(z @ w1.T + b1) @ w2.T + b2)
+    return s.view(*s.shape, *([1] * (x.dim() - 2)))
+
+
+def direct_sse_gate(layer: SpatialSELayer, x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(sum_c w_c x_c + b) at every position."""
+    w = layer.conv.weight.flatten()  # (C,)
+    q = torch.einsum("c,bc...->b...", w, x) + layer.conv.bias
+    return torch.sigmoid(q).unsqueeze(1)
+
+
+@pytest.mark.parametrize("spatial_dims", DIMS)
+def test_cse_gate_is_the_equation_constant_over_space_and_permutation_invariant(spatial_dims):
+    torch.manual_seed(0)
+    layer = ChannelSELayer(spatial_dims, 6, reduction_ratio=3)
+    x = rand(spatial_dims)
+    gate = layer.gate(x)
+    assert gate.shape == (2, 6) + (1,) * spatial_dims
+    assert torch.allclose(gate, direct_cse_gate(layer, x), atol=1e-6)
+    assert torch.allclose(layer(x), x * direct_cse_gate(layer, x), atol=1e-6)
+    # permuting the spatial positions (same permutation for all channels) leaves the gate unchanged
+    perm = torch.randperm(x[0, 0].numel())
+    xp = x.flatten(2)[..., perm].view_as(x)
+    assert torch.allclose(layer.gate(xp), gate, atol=1e-6)
+    # and it depends on the channel means only: a zero-mean change per channel changes nothing
+    noise = torch.randn_like(x)
+    noise = noise - noise.flatten(2).mean(-1).view(2, 6, *([1] * spatial_dims))
+    assert torch.allclose(layer.gate(x + noise), gate, atol=1e-5)
+    # ... while changing one channel's mean does change the gates (hidden units kept active for this check)
+    with torch.no_grad():
+        layer.fc[0].bias.fill_(10.0)
+    gate = layer.gate(x)
+    shifted = x.clone()
+    shifted[:, 0] += 3.0
+    assert not torch.allclose(layer.gate(shifted), gate)
+
+
+@pytest.mark.parametrize("spatial_dims", DIMS)
+def test_sse_gate_is_the_equation_constant_over_channels(spatial_dims):
+    torch.manual_seed(0)
+    layer = SpatialSELayer(spatial_dims, 6)
+    x = rand(spatial_dims)
+    gate = layer.gate(x)
+    assert gate.shape == (2, 1) + (5,) * spatial_dims
+    assert torch.allclose(gate, direct_sse_gate(layer, x), atol=1e-6)
+    out = layer(x)
+    assert torch.allclose(out, x * direct_sse_gate(layer, x), atol=1e-6)
+    # the same factor for every channel at a position: out / x is constant over channels
+    ratio = out / x
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-5)
+    # non-contiguous input (channels-last) takes the convolution path: same gate
+    if spatial_dims == 2:
+        xc = x.contiguous(memory_format=torch.channels_last)
+        assert not xc.is_contiguous()
+        assert torch.allclose(layer.gate(xc), gate, atol=1e-6)
+
+
+DEFINITIONS = {
+    "max": lambda b, x: torch.maximum(b.cse(x), b.sse(x)),
+    "add": lambda b, x: b.cse(x) + b.sse(x),
+    "mul": lambda b, x: b.cse(x) * b.sse(x),
+    "concat": lambda b, x: b.fuse(torch.cat([b.cse(x), b.sse(x)], dim=1)),
+}
+
+
+@pytest.mark.parametrize("spatial_dims", DIMS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_scse_aggregation_equals_definition(spatial_dims, aggregation, grad):
+    torch.manual_seed(0)
+    block = ChannelSpatialSELayer(spatial_dims, 6, reduction_ratio=2, aggregation=aggregation)
+    x = rand(spatial_dims, size=7)  # negative and positive values: max-out must pick per sign
+    assert (x < 0).any() and (x > 0).any()
+    with torch.set_grad_enabled(grad):
+        got = block(x)
+    with torch.no_grad():
+        # independent: the recalibrated maps from the weights, not from the block's own gate methods
+        cse_map = x * direct_cse_gate(block.cse, x)
+        sse_map = x * direct_sse_gate(block.sse, x)
+        expected = {
+            "max": torch.maximum(cse_map, sse_map),
+            "add": cse_map + sse_map,
+            "mul": cse_map * sse_map,
+            "concat": F.conv1d(
+                torch.cat([cse_map, sse_map], 1).flatten(2), block.fuse.weight.flatten(2), block.fuse.bias
+            ).view_as(x)
+            if aggregation == "concat"
+            else None,
+        }[aggregation]
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.allclose(got, DEFINITIONS[aggregation](block, x), atol=1e-5)
+
+
+def test_max_on_large_map_takes_chunked_path_and_matches():
+    # big enough for several chunks per channel and several channels per chunk in different cases
+    torch.manual_seed(0)
+    for shape in [(2, 3, 70_001), (3, 40, 33, 31)]:
+        block = ChannelSpatialSELayer(len(shape) - 2, shape[1], aggregation="max").eval()
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.equal(block(x), torch.maximum(block.cse(x), block.sse(x)))
+            for agg in ("add", "mul"):
+                block.aggregation = agg
+                assert torch.allclose(block(x), DEFINITIONS[agg](block, x), atol=1e-5)
+            block.aggregation = "max"
+
+
+@pytest.mark.parametrize("spatial_dims", DIMS)
+@pytest.mark.parametrize("name,aggregation", [("cse", None), ("sse", None)] + [("scse", a) for a in AGGREGATIONS])
+def test_gradcheck_double(spatial_dims, name, aggregation):
+    torch.manual_seed(0)
+    kwargs = {"aggregation": aggregation} if aggregation else {}
+    layer = get_se_layer(name, spatial_dims, 4, reduction_ratio=2, **kwargs).double()
+    x = rand(spatial_dims, b=2, c=4, size=3, dtype=torch.float64).requires_grad_(True)
+    if aggregation == "max":
+        # keep the two maps apart so max is differentiable at every point the finite differences probe
+        with torch.no_grad():
+            gap = (layer.cse(x) - layer.sse(x)).abs().min()
+        assert gap > 1e-5  # finite differences move the maps by ~1e-6
+    assert torch.autograd.gradcheck(lambda t: layer(t), (x,), eps=1e-6, atol=1e-5)
+    params = [p for p in layer.parameters()]
+    assert torch.autograd.gradcheck(
+        lambda *ps: torch.func.functional_call(
+            layer, dict(zip([n for n, _ in layer.named_parameters()], ps, strict=True)), (x,)
+        ),
+        tuple(p.detach().clone().requires_grad_(True) for p in params),
+        eps=1e-6,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,expected",
+    [
+        ("cse", {"reduction_ratio": 2}, 64 * 32 + 32 + 32 * 64 + 64),
+        ("cse", {"reduction_ratio": 16}, 64 * 4 + 4 + 4 * 64 + 64),
+        ("sse", {}, 64 + 1),
+        ("scse", {"reduction_ratio": 2, "aggregation": "max"}, 64 * 32 * 2 + 32 + 64 + 65),
+        ("scse", {"reduction_ratio": 2, "aggregation": "add"}, 4257),
+        ("scse", {"reduction_ratio": 2, "aggregation": "mul"}, 4257),
+        ("scse", {"reduction_ratio": 2, "aggregation": "concat"}, 4257 + 128 * 64 + 64),
+        (None, {}, 0),
+        ("NONE", {}, 0),
+    ],
+)
+@pytest.mark.parametrize("spatial_dims", DIMS)
+def test_parameter_counts(name, kwargs, expected, spatial_dims):
+    layer = get_se_layer(name, spatial_dims, 64, **kwargs)
+    assert sum(p.numel() for p in layer.parameters()) == expected
+
+
+@pytest.mark.parametrize("spatial_dims", DIMS)
+@pytest.mark.parametrize("name,aggregation", [("cse", "max"), ("sse", "max")] + [("scse", a) for a in AGGREGATIONS])
+def test_torchscript_round_trip(spatial_dims, name, aggregation):
+    torch.manual_seed(0)
+    layer = get_se_layer(name, spatial_dims, 6, aggregation=aggregation).eval()
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(layer), buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x = rand(spatial_dims, size=6)
+    assert torch.allclose(loaded(x), layer(x), atol=1e-6)  # grad enabled (autograd branch)
+    with torch.no_grad():  # in-place / chunked branch
+        assert torch.allclose(loaded(x), layer(x), atol=1e-6)
+        assert torch.allclose(
+            loaded(x), DEFINITIONS.get(aggregation if name == "scse" else "", lambda b, t: b(t))(layer, x), atol=1e-5
+        )
+
+
+def test_scripted_training_gradients_match_eager():
+    torch.manual_seed(0)
+    block = ChannelSpatialSELayer(2, 6, aggregation="max")
+    scripted = torch.jit.script(block)
+    x = rand(2, size=6).requires_grad_(True)
+    g_eager = torch.autograd.grad(block(x).square().sum(), (x, block.cse.fc[0].weight))
+    g_script = torch.autograd.grad(scripted(x).square().sum(), (x, scripted.cse.fc[0].weight))
+    for a, b in zip(g_eager, g_script, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: get_se_layer("bse", 2, 8), r"None or one of \('none', 'cse', 'sse', 'scse'\)"),
+        (lambda: get_se_layer(3, 2, 8), "one of"),
+        (lambda: get_se_layer("scse", 2, 8, aggregation="min"), r"\('max', 'add', 'mul', 'concat'\)"),
+        (lambda: get_se_layer("cse", 2, 8, aggregation="min"), r"\('max', 'add', 'mul', 'concat'\)"),
+        (lambda: ChannelSpatialSELayer(2, 8, aggregation="sum"), r"\('max', 'add', 'mul', 'concat'\)"),
+        (lambda: get_se_layer("cse", 0, 8), r"spatial_dims must be one of \(1, 2, 3\)"),
+        (lambda: get_se_layer("sse", 4, 8), r"spatial_dims must be one of \(1, 2, 3\)"),
+        (lambda: ChannelSELayer(4, 8), r"\(1, 2, 3\)"),
+        (lambda: SpatialSELayer(0, 8), r"\(1, 2, 3\)"),
+        (lambda: ChannelSpatialSELayer(4, 8), r"\(1, 2, 3\)"),
+        (lambda: ChannelSELayer(2, 8, reduction_ratio=0), "reduction_ratio"),
+        (lambda: ChannelSELayer(2, 8, reduction_ratio=9), r"allowed values are 1\.\.8"),
+        (lambda: get_se_layer("scse", 2, 8, reduction_ratio=16), r"allowed values are 1\.\.8"),
+        (lambda: ChannelSELayer(2, 0), "in_channels"),
+        (lambda: get_se_layer("cse", 2, 8, ratio=2), r"allowed: \['aggregation', 'reduction_ratio'\]"),
+    ],
+)
+def test_invalid_arguments_raise_value_error_listing_allowed_values(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_names_are_case_insensitive_and_none_is_identity():
+    x = rand(2)
+    for name, cls in [("CSE", ChannelSELayer), ("sSE", SpatialSELayer), ("ScSe", ChannelSpatialSELayer)]:
+        assert type(get_se_layer(name, 2, 6)) is cls
+    for name in (None, "none", "None"):
+        layer = get_se_layer(name, 2, 6)
+        assert isinstance(layer, nn.Identity) and layer(x) is x
+    assert get_se_layer("scse", 2, 6, aggregation="ADD").aggregation == "add"
+
+
+def test_layer_factory_lookups():
+    assert isinstance(SE, LayerFactory)
+    assert SE["cse"] is ChannelSELayer and SE["SSE"] is SpatialSELayer and SE[SE.SCSE] is ChannelSpatialSELayer
+    assert SE["none"] is nn.Identity
+    layer = SE["scse"](spatial_dims=3, in_channels=8, reduction_ratio=4, aggregation="add")
+    assert isinstance(layer, ChannelSpatialSELayer) and layer.cse.fc[0].out_features == 2
+    with pytest.raises(Exception, match="cse|CSE"):
+        SE["bse"]
+
+
+def test_scse_parts_are_independent_of_each_other():
+    # cse and sse are the block's own submodules: changing one leaves the other map unchanged
+    block = ChannelSpatialSELayer(2, 6)
+    x = rand(2)
+    before = block.sse(x)
+    with torch.no_grad():
+        for p in block.cse.parameters():
+            p.add_(1.0)
+    assert torch.equal(block.sse(x), before)
+    assert set(dict(block.named_children())) >= {"cse", "sse"}
+    assert len(list(itertools.chain(block.cse.parameters(), block.sse.parameters()))) == 6
