@@ -1,0 +1,1 @@
+"""Benchmarks of scse-monai: ``python -m benchmarks.run [--only blocks,networks] [--quick]``."""
