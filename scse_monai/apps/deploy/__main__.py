@@ -169,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    others = sum(1 for p in input_path.rglob("*") if p.is_file()) - len(files)
     print(
-        f"{len(files)} DICOM files in {input_path}; model {model_path} segments {', '.join(labels.values())}",
+        f"{len(files)} DICOM files in {input_path} ({others} other files ignored); "
+        f"model {model_path} segments {', '.join(labels.values())}",
         file=sys.stderr,
     )
 

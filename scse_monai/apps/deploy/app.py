@@ -127,6 +127,9 @@ class OrganSegApp(Application):
 
     def compose(self):
         app_context: AppContext = Application.init_app_context(self.argv)
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            # one warning per non-DICOM file (CHAOS keeps its PNG masks beside the series) is noise, not news
+            logging.getLogger(DICOMDataLoaderOperator.__module__).setLevel(logging.ERROR)
         input_path = Path(app_context.input_path)
         output_path = Path(app_context.output_path)
         metadata = read_torchscript_metadata(app_context.model_path)
