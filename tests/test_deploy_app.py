@@ -42,7 +42,6 @@ import json, sys
 import numpy as np
 import highdicom as hd
 seg = hd.seg.segread(sys.argv[1])
-uids = [u for _, _, u in seg.get_source_image_uids()]
 refs = [r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence]
 labels = seg.get_pixels_by_source_instance(
     source_sop_instance_uids=refs, combine_segments=True, assert_missing_frames_are_empty=True
