@@ -22,7 +22,7 @@ from pathlib import Path
 BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundle"
 
 
-def _workflow(configs: list[Path], workflow_type: str, **overrides):
+def _workflow(configs: list[Path], workflow_type: str | None, **overrides):
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     _workflow([cfg / "train.json"], "train", epochs=args.epochs, **common)
     print(f"[demo] trained {args.epochs} epochs in {time.perf_counter() - t1:.1f} s; curves in {out / 'eval'}")
 
-    _workflow([cfg / "train.json", cfg / "evaluate.json"], "eval", **common)
+    _workflow([cfg / "train.json", cfg / "evaluate.json"], None, **common)
     summary = sorted((out / "eval").glob("*summary*.csv"))
     print("[demo] per-organ Dice / Jaccard on held-out synthetic patients:")
     if summary:
