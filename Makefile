@@ -8,7 +8,10 @@ PYTEST_ARGS ?=
 # Extra environments (MONAI Label, MONAI Deploy) add their setup targets here from mk/*.mk.
 TEST_DEPS := setup
 
-.PHONY: setup test demo bench lint clean
+SHARED ?= ../shared/data
+PREPARED ?= prepared
+
+.PHONY: setup test demo bench lint clean prepare-samples
 
 setup: $(VENV)/.installed
 
@@ -30,6 +33,14 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+# Real samples next to the repo (not needed by the tests): prepare them and write overlay previews.
+prepare-samples: setup
+	$(BIN)/python -m scse_monai.data prepare chaos --root $(SHARED)/CHAOS_sample/Train_Sets --task mr-t2spir \
+		--out $(PREPARED)/chaos_mr_t2
+	$(BIN)/python -m scse_monai.data prepare visceral --root $(SHARED)/VISCERAL_sample --out $(PREPARED)/visceral --folds 1
+	$(BIN)/python -m scse_monai.data preview --datalist $(PREPARED)/chaos_mr_t2/datalist.json --case chaos_mr_t2_01 \
+		--out $(PREPARED)/previews/chaos_mr_t2_01.png
 
 lint: setup
 	$(BIN)/python -m ruff check scse_monai tests benchmarks
