@@ -88,6 +88,7 @@ def run(quick: bool = False) -> dict:
                         "naive_ms": round(naive_s * 1e3, 2),
                         "scse_ms": round(block_s * 1e3, 2),
                         "time_ratio": round(block_s / naive_s, 3),
+                        "cpu_time_ratio": round(times["scse"]["cpu_median_s"] / times["naive"]["cpu_median_s"], 3),
                         "naive_peak_MiB": round(peaks["naive"] / 2**20, 1),
                         "scse_peak_MiB": round(peaks["scse"] / 2**20, 1),
                         "memory_ratio": round(peaks["scse"] / max(peaks["naive"], 1), 3),

@@ -44,7 +44,9 @@ def compare_times(
         warmup: untimed runs per candidate first (allocator, thread pool and kernel selection warm-up).
 
     Returns:
-        name -> ``{"median_s", "min_s", "times_s"}``.
+        name -> ``{"median_s", "min_s", "cpu_median_s", "times_s"}``: wall-clock median and minimum, the
+        median CPU time of the process (all threads; less sensitive to other processes on a shared machine,
+        but it counts threads spinning while they wait), and every wall time.
 
     Example::
 

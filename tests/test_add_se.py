@@ -146,3 +146,18 @@ def test_bad_options_leave_model_untouched_and_double_application_fails():
     add_se(model, "cse")
     with pytest.raises(ValueError, match="twice"):
         add_se(model, "cse")
+
+
+def test_whole_model_pickles_and_loads_back():
+    import io
+
+    torch.manual_seed(0)
+    model = add_se(res_dynunet(2), "scse").eval()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert type(loaded.input_block) is type(model.input_block)

@@ -10,8 +10,9 @@ How a block is attached, so that every original ``state_dict`` key keeps its nam
   a new child ``se`` and its class swapped for a subclass whose ``forward`` is ``se(original_forward(x))``.
 
 Only keys under ``...se.`` are new, so the original weights load with ``strict=False`` and exactly the SE keys
-missing. The subclasses are created on the fly: save retrofitted models by ``state_dict`` (or TorchScript), and
-rebuild them with ``add_se`` before loading; pickling the whole module object is not supported.
+missing. The subclasses are created on the fly and resolvable by name from this module (so ``torch.save`` of a
+whole retrofitted model loads back); the usual way is still ``state_dict`` (or TorchScript) and ``add_se`` on a
+freshly built model before loading.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import types
 
 import torch
+from monai.networks.blocks import ResidualUnit, UnetBasicBlock, UnetResBlock
 from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet
 from torch import nn
 
@@ -48,8 +50,20 @@ def _with_se_class(cls: type) -> type:
         inner.__kwdefaults__ = f.__kwdefaults__
         inner.__annotations__ = dict(f.__annotations__)
         inner.__qualname__ = f.__qualname__
-        _SE_CLASSES[cls] = type(f"SE{cls.__name__}", (cls,), {"forward": _se_forward, "_forward_without_se": inner})
+        name = f"SE{cls.__name__}"
+        attrs = {"forward": _se_forward, "_forward_without_se": inner, "__module__": __name__, "__qualname__": name}
+        _SE_CLASSES[cls] = type(name, (cls,), attrs)
     return _SE_CLASSES[cls]
+
+
+# the non-Sequential stage classes of the supported models, so pickle can find "SE<name>" in this module
+_SWAPPED_BASES = {cls.__name__: cls for cls in (ResidualUnit, UnetBasicBlock, UnetResBlock)}
+
+
+def __getattr__(name: str) -> type:
+    if name.startswith("SE") and name[2:] in _SWAPPED_BASES:
+        return _with_se_class(_SWAPPED_BASES[name[2:]])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _out_channels(stage: nn.Module) -> int:
