@@ -18,6 +18,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.tasks.train.bundle import BundleTrainTask
 
+from scse_monai.apps.monailabel.lib.workspace import read_metadata
+
 __all__ = ["BundleSegmentationTrainTask"]
 
 logger = logging.getLogger(__name__)
@@ -27,8 +29,9 @@ class BundleSegmentationTrainTask(BundleTrainTask):
     """Fine-tune from ``models/model.pt`` on every image of the datastore that has a final label.
 
     The loss's median-frequency class weights come from the labelled images (a ``datalist.json`` with their
-    ``class_voxel_counts`` is written into the workspace), never from the bundle's default synthetic data set;
-    resuming from older epoch checkpoints is off, because every request is a new fine-tuning run.
+    ``class_voxel_counts`` and the metadata's class names is written into the workspace), never from the
+    bundle's default synthetic data set; resuming from older epoch checkpoints is off, because every request
+    is a new fine-tuning run.
     Checkpoints are written into the workspace's ``models/``: the best-metric one replaces ``model.pt``, which
     the infer task then reloads.
 
@@ -83,7 +86,14 @@ class BundleSegmentationTrainTask(BundleTrainTask):
         work = Path(self.bundle_path) / "monailabel_train"
         work.mkdir(exist_ok=True)
         counts = self._class_counts(train_items)
-        datalist = {"name": "monailabel", "training": train_items, "class_voxel_counts": counts}
+        metadata = read_metadata(self.bundle_path)
+        channel_def = next(iter(metadata["network_data_format"]["outputs"].values()))["channel_def"]
+        datalist = {  # the keys of a datalist.json from scse_monai.data that the train config reads
+            "name": "monailabel",
+            "labels": {str(k): v for k, v in channel_def.items()},
+            "training": train_items,
+            "class_voxel_counts": counts,
+        }
         tmp = work / "datalist.json.partial"
         tmp.write_text(json.dumps(datalist, indent=2))
         os.replace(tmp, work / "datalist.json")
