@@ -2,7 +2,7 @@
 
 The bundle's ``inference.json`` is parsed as shipped (features 32, 5x5, scSE, 2 mm in-plane resampling, 160 x 160
 ``SliceInferer``), with random weights (latency does not depend on the weights). The volume is a synthetic
-T2-like NIfTI of 256 x 256 x 40 voxels at 1.5 x 1.5 x 7 mm (CHAOS T2-SPIR geometry). Stages timed, interleaved:
+T2-like NIfTI of 256 x 256 x 40 voxels at 1.25 x 1.25 x 7.7 mm (CHAOS T2-SPIR geometry). Stages timed, interleaved:
 
 - ``preprocessing``: load NIfTI, orientation, spacing, intensity normalisation;
 - ``network_<se>``: ``SliceInferer`` + network on the preprocessed volume, for the shipped ``scse`` and
@@ -31,7 +31,7 @@ from benchmarks.timing import compare_times
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 SHAPE = (256, 256, 40)
-SPACING = (1.5, 1.5, 7.0)
+SPACING = (1.25, 1.25, 7.7)  # CHAOS T2-SPIR: 256 x 256 at 1.25 mm, 7.7 mm slices
 
 
 def synthetic_volume(path: Path, shape: tuple[int, int, int] = SHAPE, seed: int = 0) -> Path:
