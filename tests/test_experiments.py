@@ -50,6 +50,7 @@ def _f(v: str) -> float:
     return float(v) if v != "" else math.nan
 
 
+@pytest.mark.slow
 def test_outputs_and_statistics(finished, datalist: Path) -> None:
     out, result = finished
     assert result["trained"] == 8 and result["skipped"] == 0
@@ -121,6 +122,7 @@ def test_outputs_and_statistics(finished, datalist: Path) -> None:
     assert "| none |" in md and "| scse |" in md and "unet" in md and "sdnet" in md and "overlay.png" in md
 
 
+@pytest.mark.slow
 def test_second_invocation_trains_nothing_and_resumes_a_half_finished_run(finished, datalist: Path) -> None:
     out, _ = finished
     ckpts = sorted(out.glob("runs/*/fold*/models/checkpoint_epoch=1.pt"))
@@ -189,6 +191,7 @@ def test_folds_stay_patient_level(tmp_path: Path, datalist: Path) -> None:
         (["--roi-size", "60", "60"], "--roi-size"),
         (["--aggregation", "min"], "--aggregation"),
         (["--recipe", "fast"], "fast"),
+        (["--checkpoint", "best", "--val-interval", "3", "--epochs", "2"], "--checkpoint best"),
     ],
 )
 def test_invalid_arguments_exit_2_without_output(tmp_path: Path, datalist: Path, capsys, args, message) -> None:
@@ -200,6 +203,7 @@ def test_invalid_arguments_exit_2_without_output(tmp_path: Path, datalist: Path,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_datalist_and_foreign_or_mismatched_out(tmp_path: Path, datalist: Path, finished, capsys) -> None:
     assert main(["compare", "--datalist", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 2
     assert "nope.json" in capsys.readouterr().err

@@ -205,6 +205,8 @@ def compare(
         raise ExperimentError(f"--pixdim needs three spacings (-1 keeps an axis), got {list(pixdim)}")
     if checkpoint not in ("last", "best"):
         raise ExperimentError(f"--checkpoint must be 'last' or 'best', got {checkpoint!r}")
+    if checkpoint == "best" and val_interval > epochs:
+        raise ExperimentError(f"--checkpoint best needs validation: --val-interval {val_interval} > --epochs {epochs}")
     bundle_root = Path(bundle_root) if bundle_root else default_bundle_root()
     extra = []
     for kind, name in (("datasets", dataset_config), ("recipes", recipe)):
