@@ -59,14 +59,24 @@ def compare_times(
         for name in names:
             candidates[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
             gc.collect()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             candidates[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
+            cpu[name].append(time.process_time() - start_cpu)
+    return {
+        name: {
+            "median_s": statistics.median(t),
+            "min_s": min(t),
+            "cpu_median_s": statistics.median(cpu[name]),
+            "times_s": t,
+        }
+        for name, t in times.items()
+    }
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
