@@ -270,3 +270,20 @@ def test_torchrun_two_cpu_ranks(tmp_path: Path, dataset: Path) -> None:
     assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state), "DDP wrapper leaked into the saved keys"
+
+
+@pytest.mark.slow
+def test_mlflow_tracking_records_loss_and_organ_dice(tmp_path: Path, dataset: Path) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    args = ["run", "training", "--config_file", str(CFG / "train.json"), "--tracking", "mlflow"]
+    for k, v in _overrides(tmp_path, dataset, epochs=1).items():
+        args += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    res = _bundle_cli(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    db = tmp_path / "eval" / "mlruns.db"
+    assert db.is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) >= 1
+    for metric in ("metrics.train_loss", "metrics.val_mean_dice", "metrics.val_mean_dice_liver"):
+        assert metric in runs.columns and runs[metric].notna().any(), metric
