@@ -122,3 +122,14 @@ def test_loss_from_bundle_config(tmp_path):
     loss = parser.get_parsed_content("loss")
     assert isinstance(loss, WeightedDiceCELoss)
     assert loss.class_weights == pytest.approx([0.3 / 0.5, 1.0, 1.5])
+
+
+def test_weight_power_softens_median_frequency_weights() -> None:
+    counts = {"0": 900, "1": 60, "2": 40}
+    full = WeightedDiceCELoss(datalist={"class_voxel_counts": counts}, to_onehot_y=True, softmax=True)
+    soft = WeightedDiceCELoss(datalist={"class_voxel_counts": counts}, weight_power=0.5, to_onehot_y=True, softmax=True)
+    expected = [w**0.5 for w in median_frequency_weights(counts)]
+    assert soft.class_weights == pytest.approx(expected)
+    assert full.class_weights == pytest.approx(median_frequency_weights(counts))
+    with pytest.raises(ValueError, match="weight_power"):
+        WeightedDiceCELoss(class_weights=[1.0, 1.0], weight_power=0)
