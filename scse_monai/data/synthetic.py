@@ -27,29 +27,15 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .errors import DataPreparationError
+from .radlex import RADLEX_IDS
 
 __all__ = ["synthesize", "make_phantom", "write_dicom_series", "Phantom", "LAYOUTS"]
 
 LAYOUTS = ("chaos-ct", "chaos-mr", "visceral")
 
-# structure name -> RadLex id (VISCERAL Anatomy3); "body", "fat", "muscle", "stomach", "bone" are unlabelled tissue
-RADLEX = {
-    "liver": 58,
-    "spleen": 86,
-    "pancreas": 170,
-    "gallbladder": 187,
-    "urinary bladder": 237,
-    "aorta": 480,
-    "right lung": 1302,
-    "left lung": 1326,
-    "first lumbar vertebra": 29193,
-    "right kidney": 29662,
-    "left kidney": 29663,
-    "right adrenal gland": 30324,
-    "left adrenal gland": 30325,
-    "right psoas major": 32248,
-    "left psoas major": 32249,
-}
+# structure name -> RadLex id (VISCERAL Anatomy3), as prepare_visceral reads them; the phantoms have no trachea.
+# "body", "fat", "muscle", "stomach", "bone" are unlabelled tissue.
+RADLEX = {name: rid for name, rid in RADLEX_IDS.items() if name != "trachea"}
 
 # Tissues painted in this order (later ones overwrite earlier). Ellipsoid centre (u, v, w): u, v in units of the
 # body half-width / half-depth (+u = patient left, +v = posterior), w in units of the scanned z-extent (+ superior,

@@ -33,28 +33,10 @@ from .datalist import (
     write_datalist,
 )
 from .errors import DataPreparationError
+from .radlex import RADLEX_IDS
 
 __all__ = ["prepare_visceral", "RADLEX_IDS", "DEFAULT_ORGANS"]
 
-#: structure name -> RadLex id, as in the VISCERAL Anatomy3 file names
-RADLEX_IDS = {
-    "liver": 58,
-    "spleen": 86,
-    "pancreas": 170,
-    "gallbladder": 187,
-    "urinary bladder": 237,
-    "aorta": 480,
-    "trachea": 1247,
-    "right lung": 1302,
-    "left lung": 1326,
-    "first lumbar vertebra": 29193,
-    "right kidney": 29662,
-    "left kidney": 29663,
-    "right adrenal gland": 30324,
-    "left adrenal gland": 30325,
-    "right psoas major": 32248,
-    "left psoas major": 32249,
-}
 DEFAULT_ORGANS = tuple(RADLEX_IDS)
 _BY_ID = {v: k for k, v in RADLEX_IDS.items()}
 
