@@ -72,6 +72,13 @@ class IntensityBands(torch.nn.Module):
         return -50.0 * (x - centres) ** 2
 
 
+class Failing(torch.nn.Module):
+    """A model that fails inside the SDK graph, after the input checks have passed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("model failure on purpose")
+
+
 def _torchscript_bundle(tmp: Path, which: str) -> Path:
     """A TorchScript file with the bundle's metadata.json and inference.json embedded, as ckpt_export writes it.
 
@@ -79,11 +86,12 @@ def _torchscript_bundle(tmp: Path, which: str) -> Path:
     one exported now by ``monai.bundle ckpt_export`` from the committed ``model.pt``.
     """
     configs = BUNDLE / "configs"
-    if which == "bands":
-        path = tmp / "bands" / "model.ts"
+    if which in ("bands", "failing"):
+        path = tmp / which / "model.ts"
         path.parent.mkdir()
         extra = {name: (configs / name).read_text() for name in ("metadata.json", "inference.json")}
-        torch.jit.save(torch.jit.script(IntensityBands()), str(path), _extra_files=extra)
+        model = IntensityBands() if which == "bands" else Failing()
+        torch.jit.save(torch.jit.script(model), str(path), _extra_files=extra)
         return path
     if (BUNDLE / "models" / "model.ts").exists():
         return BUNDLE / "models" / "model.ts"
@@ -296,4 +304,12 @@ def test_bad_inputs_fail_cleanly(series, bands_model, tmp_path, case):
     assert run.returncode != 0
     assert expected in run.stderr and str(bad) in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert list(out.iterdir()) == [], "no partial output may be left"
+
+
+def test_failure_inside_the_graph_exits_1_without_partial_output(series, tmp_path):
+    model = _torchscript_bundle(tmp_path, "failing")
+    run, out = _bad_run(tmp_path, series, model)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "error: segmentation failed" in run.stderr and "model failure on purpose" in run.stderr
     assert list(out.iterdir()) == [], "no partial output may be left"
