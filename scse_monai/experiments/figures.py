@@ -111,10 +111,11 @@ def training_curves(curves: Mapping[str, Mapping[int, Path]], title: str, path: 
             epochs = cols.get("epoch", [])
             kw = {"color": colors[j % len(colors)], "linestyle": styles[k % len(styles)], "marker": "o", "ms": 3}
             label = f"{variant} fold {fold}"
-            if "loss" in cols:
-                ax_loss.plot(epochs, cols["loss"], label=label, **kw)
-            if metric in cols:
-                ax_val.plot(epochs, cols[metric], label=label, **kw)
+            for ax, key in ((ax_loss, "loss"), (ax_val, metric)):
+                # validation runs every val_interval epochs: skip the empty epochs so the points join up
+                pts = [(e, v) for e, v in zip(epochs, cols.get(key, []), strict=False) if not math.isnan(v)]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), label=label, **kw)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title=f"{title}: training loss")
     ax_val.set(xlabel="epoch", ylabel=metric, title=f"{title}: validation Dice (held-out fold)", ylim=(0, 1))
     for ax in (ax_loss, ax_val):
