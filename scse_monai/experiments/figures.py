@@ -72,7 +72,7 @@ def dice_boxplot(
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small", ncol=len(variants))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize="small", ncol=len(variants), frameon=False)
     _save(fig, path)
     return path
 
