@@ -8,15 +8,18 @@ These two handlers add exactly that on top of ignite's ``Checkpoint`` and MONAI'
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, global_step_from_engine
+from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader
 
@@ -79,7 +82,9 @@ class AtomicCheckpointSaver:
         interval: save ``<prefix>_epoch=N.pt`` every ``interval`` epochs (0 disables).
         n_saved: how many interval checkpoints to keep.
         file_prefix: prefix of interval checkpoints.
-        save_key_metric: also save the model whenever the engine's key metric improves.
+        save_key_metric: also save the model whenever the engine's key metric beats the best so far, which is
+            kept in ``<key_metric_filename>.json`` so that a resumed run does not replace a better model; an
+            existing file without that record is moved to ``<name>.<time>.bak`` first.
         key_metric_filename: file name of the best-metric checkpoint.
         save_engine_as: also save the state of the engine this handler is attached to under this key (e.g.
             ``"trainer"``); a config cannot reference the trainer from its own handler list without a cycle.
@@ -128,19 +133,59 @@ class AtomicCheckpointSaver:
             )
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), interval_ckpt)
         if self.save_key_metric:
-
-            def _score(eng: Engine) -> float:
-                return eng.state.metrics[eng.state.key_metric_name]
-
-            best_ckpt = Checkpoint(
-                to_save=to_save,
-                save_handler=_AtomicDiskSaver(self.save_dir, filename=self.key_metric_filename),
-                n_saved=1,
-                score_function=_score,
-                score_name="key_metric",
-                global_step_transform=global_step_from_engine(engine),
+            engine.add_event_handler(
+                Events.EPOCH_COMPLETED,
+                _BestMetricSaver(Path(self.save_dir) / self.key_metric_filename, to_save),
             )
-            engine.add_event_handler(Events.EPOCH_COMPLETED, best_ckpt)
+
+
+class _BestMetricSaver:
+    """Saves the model when the engine's key metric beats the best recorded next to the file.
+
+    ignite's ``Checkpoint(score_function=...)`` forgets the best score when a run is resumed in a new process,
+    so its first validation would replace a better ``model.pt``. The score is therefore kept in a sidecar
+    ``<file>.json``. A file without a sidecar (e.g. shipped weights) is moved to ``<file>.<time>.bak``, never
+    overwritten silently.
+    """
+
+    def __init__(self, path: Path, to_save: dict) -> None:
+        self.path = path
+        self.sidecar = path.with_name(path.name + ".json")
+        self.to_save = to_save
+
+    def best(self) -> float | None:
+        try:
+            return float(json.loads(self.sidecar.read_text())["score"])
+        except (FileNotFoundError, KeyError, ValueError, TypeError):
+            return None
+
+    def __call__(self, engine: Engine) -> None:
+        import ignite.distributed as idist
+
+        if idist.get_rank() != 0:
+            return
+        name = engine.state.key_metric_name
+        score = float(engine.state.metrics[name])
+        best = self.best()
+        if best is not None and not score > best:
+            return
+        if best is None and self.path.exists():
+            backup = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+            os.replace(self.path, backup)
+            logging.getLogger(__name__).warning(f"kept the existing {self.path} as {backup}")
+        states = {k: _unwrap(v).state_dict() for k, v in self.to_save.items()}
+        save_atomically(states[next(iter(states))] if len(states) == 1 else states, self.path)
+        record = {"key_metric_name": name, "score": score, "epoch": engine.state.epoch}
+        tmp = self.sidecar.with_name(f".{self.sidecar.name}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.sidecar)
+
+
+def _unwrap(obj: object) -> object:
+    """The bare network inside DataParallel / DistributedDataParallel, so saved keys have no ``module.``."""
+    if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        return obj.module
+    return obj
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> Path | None:
