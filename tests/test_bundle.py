@@ -287,3 +287,39 @@ def test_mlflow_tracking_records_loss_and_organ_dice(tmp_path: Path, dataset: Pa
     assert len(runs) >= 1
     for metric in ("metrics.train_loss", "metrics.val_mean_dice", "metrics.val_mean_dice_liver"):
         assert metric in runs.columns and runs[metric].notna().any(), metric
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_the_network(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    parser = ConfigParser()
+    parser.read_config(str(CFG / "inference.json"))
+    parser["features"] = 4
+    net = parser.get_parsed_content("network_def").eval()
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    onnx_path = tmp_path / "model.onnx"
+    res = _bundle_cli(
+        "onnx_export",
+        "network_def",
+        "--filepath",
+        str(onnx_path),
+        "--ckpt_file",
+        str(ckpt),
+        "--meta_file",
+        str(CFG / "metadata.json"),
+        "--config_file",
+        str(CFG / "inference.json"),
+        "--features",
+        "4",
+        "--use_trace",
+        "True",
+        "--input_shape",
+        "[1, 1, 64, 64]",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    x = torch.randn(1, 1, 64, 64)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, net(x).numpy(), atol=1e-4)
