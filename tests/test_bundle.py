@@ -64,6 +64,14 @@ def _run(configs: list[str], workflow_type: str | None, **overrides) -> ConfigWo
     return wf
 
 
+def _cli_flags(overrides: dict) -> list[str]:
+    """``--key value`` pairs for ``python -m monai.bundle`` (lists as JSON)."""
+    flags = []
+    for k, v in overrides.items():
+        flags += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    return flags
+
+
 def _bundle_cli(*args: str, cwd: Path = REPO, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "monai.bundle", *args],
@@ -212,9 +220,7 @@ def test_missing_dataset_names_the_folder(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_resume_after_kill_mid_epoch(tmp_path: Path, dataset: Path) -> None:
     ov = _overrides(tmp_path, dataset, epochs=3, val_interval=10)
-    args = ["run", "training", "--config_file", str(CFG / "train.json")]
-    for k, v in ov.items():
-        args += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    args = ["run", "training", "--config_file", str(CFG / "train.json"), *_cli_flags(ov)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "monai.bundle", *args],
         cwd=REPO,
@@ -247,9 +253,7 @@ def test_resume_after_kill_mid_epoch(tmp_path: Path, dataset: Path) -> None:
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks(tmp_path: Path, dataset: Path) -> None:
     ov = _overrides(tmp_path, dataset, epochs=1)
-    args = ["--config_file", json.dumps([str(CFG / "train.json"), str(CFG / "multi_gpu_train.json")])]
-    for k, v in ov.items():
-        args += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    args = ["--config_file", json.dumps([str(CFG / "train.json"), str(CFG / "multi_gpu_train.json")]), *_cli_flags(ov)]
     cmd = [
         sys.executable,
         "-m",
@@ -276,8 +280,7 @@ def test_torchrun_two_cpu_ranks(tmp_path: Path, dataset: Path) -> None:
 def test_mlflow_tracking_records_loss_and_organ_dice(tmp_path: Path, dataset: Path) -> None:
     mlflow = pytest.importorskip("mlflow")
     args = ["run", "training", "--config_file", str(CFG / "train.json"), "--tracking", "mlflow"]
-    for k, v in _overrides(tmp_path, dataset, epochs=1).items():
-        args += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    args += _cli_flags(_overrides(tmp_path, dataset, epochs=1))
     res = _bundle_cli(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     db = tmp_path / "eval" / "mlruns.db"
