@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader
+
+from scse_monai.atomic import write_atomically, write_text_atomic
 
 __all__ = ["AtomicCheckpointSaver", "ResumeFromLatestCheckpoint", "latest_checkpoint", "save_atomically"]
 
@@ -39,17 +40,7 @@ def save_atomically(obj: object, path: str | os.PathLike) -> None:
 
         >>> save_atomically({"w": torch.zeros(1)}, "out/model.pt")
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 class _AtomicDiskSaver(BaseSaveHandler):
@@ -176,9 +167,7 @@ class _BestMetricSaver:
         states = {k: _unwrap(v).state_dict() for k, v in self.to_save.items()}
         save_atomically(states[next(iter(states))] if len(states) == 1 else states, self.path)
         record = {"key_metric_name": name, "score": score, "epoch": engine.state.epoch}
-        tmp = self.sidecar.with_name(f".{self.sidecar.name}.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.sidecar)
+        write_text_atomic(self.sidecar, json.dumps(record))
 
 
 def _unwrap(obj: object) -> object:

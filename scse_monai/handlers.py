@@ -30,7 +30,6 @@ import io
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.handlers.utils import from_engine
 
+from scse_monai.atomic import write_bytes_atomic
 from scse_monai.metrics import SegmentationMetrics, case_name_from_meta
 
 __all__ = [
@@ -56,21 +56,6 @@ _METRICS = ("dice", "jaccard")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -87,7 +72,7 @@ def _fmt(v: Any) -> Any:
 def _save_figure(fig: Any, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _figure(ncols: int = 1, width: float = 6.0) -> tuple[Any, Any]:
@@ -399,7 +384,7 @@ class PerCaseMetricsSaver:
             [name, *map(float, d), *map(float, j)]
             for name, d, j in zip(result["case_names"], case_dice, case_jac, strict=True)
         ]
-        _atomic_write_bytes(paths["per_case"], _csv_bytes(header, rows))
+        write_bytes_atomic(paths["per_case"], _csv_bytes(header, rows))
 
         def stats(a: np.ndarray) -> list[float]:
             valid = a[~np.isnan(a)]
@@ -423,7 +408,7 @@ class PerCaseMetricsSaver:
         )  # fmt: skip
         header = ["class", "dice_mean", "dice_std", "dice_median", "jaccard_mean", "jaccard_std", "jaccard_median"]
         header += ["n_cases", "global_dice", "global_jaccard"]
-        _atomic_write_bytes(paths["summary"], _csv_bytes(header, [[r[0], *map(_to_float, r[1:])] for r in summary]))
+        write_bytes_atomic(paths["summary"], _csv_bytes(header, [[r[0], *map(_to_float, r[1:])] for r in summary]))
         if self.boxplot:
             fig, (ax,) = _figure(width=max(5.0, 1.2 * len(labels)))
             data = [case_dice[~np.isnan(case_dice[:, k]), k] for k in range(len(labels))]
@@ -563,7 +548,7 @@ class TrainingCurvePlotter:
         epochs = sorted(self.history)
         metrics = sorted({k for e in epochs for k in self.history[e] if k != "loss"})
         rows = [[e, *(self.history[e].get(k, math.nan) for k in ["loss", *metrics])] for e in epochs]
-        _atomic_write_bytes(self.csv_path, _csv_bytes(["epoch", "loss", *metrics], rows))
+        write_bytes_atomic(self.csv_path, _csv_bytes(["epoch", "loss", *metrics], rows))
         fig, (ax_loss, ax_metric) = _figure(ncols=2)
         pts = [(e, self.history[e]["loss"]) for e in epochs if "loss" in self.history[e]]
         if pts:

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..atomic import write_text_atomic
 from .errors import DataPreparationError
 
 __all__ = ["assign_folds", "count_classes", "write_datalist", "save_nifti_atomic", "atomic_replace_all"]
@@ -92,9 +93,7 @@ def atomic_replace_all(pairs: Iterable[tuple[Path, Path]]) -> None:
 
 def write_json_atomic(obj: object, path: Path) -> None:
     """Write JSON via a temporary file in the same folder and ``os.replace``."""
-    tmp = _tmp_path(path)
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_datalist(

@@ -19,8 +19,6 @@ import inspect
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scse_monai.atomic import write_text_atomic
 from scse_monai.experiments import figures
 from scse_monai.experiments.runs import NETWORK_TARGETS, BundleSettings, Run
 from scse_monai.experiments.stats import read_per_case, summarize
@@ -49,12 +48,14 @@ def default_bundle_root() -> Path:
     return Path(__file__).resolve().parents[2] / "bundle"
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-    os.replace(tmp, path)
+def _table_cell(row: dict | None, variant: str) -> str:
+    """``mean ± std`` of one summary row, with the p-value against the baseline; empty when missing."""
+    if row is None:
+        return ""
+    cell = f"{_fmt(row['mean'])} ± {_fmt(row['std'])}"
+    if variant != BASELINE:
+        cell += f" (p={_p(row[f'p_vs_{BASELINE}'])})"
+    return cell
 
 
 def _csv_text(header: Sequence[str], rows: Sequence[dict]) -> str:
@@ -126,7 +127,7 @@ def _settings_check(path: Path, settings: dict) -> None:
                 "use another --out or the same settings"
             )
     else:
-        _write_text(path, json.dumps(settings, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 def _variant(se: str, aggregation: str | None, many_aggregations: bool) -> str:
@@ -251,7 +252,7 @@ def compare(
     _settings_check(out / "settings.json", settings_record)
     folded_path = out / "datalist.json"
     if not folded_path.is_file():
-        _write_text(folded_path, json.dumps(folded, indent=1) + "\n")
+        write_text_atomic(folded_path, json.dumps(folded, indent=1) + "\n")
     settings = BundleSettings(bundle_root, folded_path, epochs, overrides, extra, checkpoint)
 
     many_aggs = len(aggs) > 1
@@ -329,7 +330,7 @@ def _report(out: Path, variants: dict, settings: BundleSettings, organs_all: lis
                 )
         per_case[(net, variant)] = table
     organs = organs or [o.replace(" ", "_") for o in organs_all]
-    _write_text(
+    write_text_atomic(
         out / "per_case.csv",
         _csv_text(["network", "variant", "fold", "case", *[f"dice_{o}" for o in organs]], case_rows),
     )
@@ -358,7 +359,7 @@ def _report(out: Path, variants: dict, settings: BundleSettings, organs_all: lis
         "parameters_added_percent",
         "note",
     ]
-    _write_text(out / "results.csv", _csv_text(header, rows))
+    write_text_atomic(out / "results.csv", _csv_text(header, rows))
 
     figs = []
     for net in dict.fromkeys(n for n, _ in variants):
@@ -378,7 +379,7 @@ def _report(out: Path, variants: dict, settings: BundleSettings, organs_all: lis
     else:
         overlay_note = "no overlay figure: it needs both 'none' and 'scse' in --se"
     md = _markdown(rows, organs, variants, settings, folded, figs, overlay_note)
-    _write_text(out / "results.md", md)
+    write_text_atomic(out / "results.md", md)
     return {
         "results_csv": str(out / "results.csv"),
         "results_md": str(out / "results.md"),
@@ -463,16 +464,7 @@ def _markdown(rows, organs, variants, settings: BundleSettings, folded: dict, fi
         "|---|" + "---:|" * len(nets),
     ]
     for v in vars_:
-        cells = []
-        for n in nets:
-            r = by.get((n, v, "mean"))
-            if r is None:
-                cells.append("")
-                continue
-            cell = f"{_fmt(r['mean'])} ± {_fmt(r['std'])}"
-            if v != BASELINE:
-                cell += f" (p={_p(r[f'p_vs_{BASELINE}'])})"
-            cells.append(cell)
+        cells = [_table_cell(by.get((n, v, "mean")), v) for n in nets]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines += ["", "## Per organ", ""]
     for n in nets:
@@ -483,16 +475,7 @@ def _markdown(rows, organs, variants, settings: BundleSettings, folded: dict, fi
             "|---|" + "---:|" * len(organs),
         ]
         for v in vars_:
-            cells = []
-            for o in organs:
-                r = by.get((n, v, o))
-                if r is None:
-                    cells.append("")
-                    continue
-                cell = f"{_fmt(r['mean'])} ± {_fmt(r['std'])}"
-                if v != BASELINE:
-                    cell += f" (p={_p(r[f'p_vs_{BASELINE}'])})"
-                cells.append(cell)
+            cells = [_table_cell(by.get((n, v, o)), v) for o in organs]
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Parameters", "", "| network | variant | parameters | added % vs none |", "|---|---|---:|---:|"]
