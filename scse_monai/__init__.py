@@ -11,10 +11,12 @@ import importlib
 
 _SUBMODULES = (
     "apps",
+    "atomic",
     "blocks",
     "bundle_support",
     "checkpoints",
     "data",
+    "experiments",
     "handlers",
     "losses",
     "metrics",
