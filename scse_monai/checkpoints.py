@@ -44,22 +44,30 @@ def save_atomically(obj: object, path: str | os.PathLike) -> None:
 
 
 class _AtomicDiskSaver(BaseSaveHandler):
-    """Minimal ignite save handler (callable + ``remove``) writing atomically, on rank 0 only."""
+    """ignite save handler for interval checkpoints: atomic writes on rank 0, and the newest ``n_saved`` kept.
 
-    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+    ignite's ``Checkpoint`` only removes files it saved itself, so a resumed run (a new process) would leave
+    the previous run's ``<prefix>_epoch=N.pt`` behind forever; pruning by epoch number keeps the folder bounded.
+    """
+
+    def __init__(self, dirname: str | os.PathLike, prefix: str, n_saved: int) -> None:
         self.dirname = Path(dirname)
-        self.filename = filename
+        self.prefix = prefix
+        self.n_saved = n_saved
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         import ignite.distributed as idist
 
-        if idist.get_rank() == 0:
-            save_atomically(checkpoint, self.dirname / (self.filename or filename))
+        if idist.get_rank() != 0:
+            return
+        save_atomically(checkpoint, self.dirname / filename)
+        for _, stale in sorted(_epoch_checkpoints(self.dirname, self.prefix), reverse=True)[self.n_saved :]:
+            stale.unlink(missing_ok=True)
 
     def remove(self, filename: str) -> None:
         import ignite.distributed as idist
 
-        if idist.get_rank() == 0 and self.filename is None:
+        if idist.get_rank() == 0:
             (self.dirname / filename).unlink(missing_ok=True)
 
 
@@ -116,7 +124,7 @@ class AtomicCheckpointSaver:
         if self.interval > 0:
             interval_ckpt = Checkpoint(
                 to_save=to_save,
-                save_handler=_AtomicDiskSaver(self.save_dir),
+                save_handler=_AtomicDiskSaver(self.save_dir, self.file_prefix, self.n_saved),
                 filename_prefix=self.file_prefix,
                 filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
                 n_saved=self.n_saved,
@@ -177,6 +185,15 @@ def _unwrap(obj: object) -> object:
     return obj
 
 
+def _epoch_checkpoints(ckpt_dir: str | os.PathLike, prefix: str) -> list[tuple[int, Path]]:
+    found = []
+    for p in Path(ckpt_dir).glob(f"{prefix}_*.pt"):
+        m = _EPOCH_RE.search(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return found
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> Path | None:
     """Returns the ``<prefix>_epoch=N.pt`` file with the largest ``N`` in ``ckpt_dir``, or ``None``.
 
@@ -185,11 +202,7 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
         >>> latest_checkpoint("models")
         PosixPath('models/checkpoint_epoch=3.pt')
     """
-    found = []
-    for p in Path(ckpt_dir).glob(f"{prefix}_*.pt"):
-        m = _EPOCH_RE.search(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
+    found = _epoch_checkpoints(ckpt_dir, prefix)
     return max(found)[1] if found else None
 
 

@@ -52,6 +52,7 @@ def test_best_model_survives_a_resumed_run_and_existing_files_are_kept(tmp_path:
 
 def test_interval_checkpoints_keep_the_latest_with_engine_state(tmp_path: Path) -> None:
     net = torch.nn.Linear(2, 1)
+    torch.save({"stale": True}, tmp_path / "checkpoint_epoch=1.pt")  # left by an earlier (killed) run
     trainer = Engine(lambda e, b: None)
     AtomicCheckpointSaver(str(tmp_path), {"model": net}, interval=1, n_saved=1, save_engine_as="trainer").attach(
         trainer
