@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats as sps
 
 from scse_monai.experiments import compare, make_folds, wilcoxon_paired
@@ -218,3 +219,32 @@ def test_missing_datalist_and_foreign_or_mismatched_out(tmp_path: Path, datalist
     code = main(["compare", "--datalist", str(datalist), "--out", str(out), "--epochs", "2", "--no-progress", *args])
     assert code == 2
     assert "epochs" in capsys.readouterr().err
+
+
+def test_bundle_override_parsing() -> None:
+    from scse_monai.experiments.__main__ import _bundle_override
+
+    assert _bundle_override("loss#weight_power=0.25") == ("loss#weight_power", 0.25)
+    assert _bundle_override("pixdim=[2, 2, -1]") == ("pixdim", [2, 2, -1])
+    assert _bundle_override("optimizer#_target_=torch.optim.AdamW") == ("optimizer#_target_", "torch.optim.AdamW")
+
+
+def test_bad_set_exits_2(tmp_path: Path, datalist: Path, capsys) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--datalist", str(datalist), "--out", str(out), "--set", "weight_power"])
+    assert e.value.code == 2
+    assert "ID=VALUE" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_set_reaches_every_run_and_is_recorded(tmp_path: Path, datalist: Path) -> None:
+    out = tmp_path / "out"
+    small = {**TINY, "networks": ["unet"], "se": ["scse"]}
+    compare(datalist, out, bundle_overrides={"reduction_ratio": 4}, **small)
+    assert json.loads((out / "settings.json").read_text())["overrides"]["reduction_ratio"] == 4
+    for fold in (0, 1):
+        ckpt = sorted((out / "runs" / "unet_scse_max" / f"fold{fold}" / "models").glob("checkpoint_epoch=*.pt"))[-1]
+        weights = torch.load(ckpt, weights_only=True)["model"]
+        assert weights["encoder_se.0.cse.fc.0.weight"].shape == (1, 4)  # 4 features / r 4 (the default r 2 gives 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -12,6 +13,17 @@ from scse_monai.experiments.runs import NETWORK_TARGETS
 
 def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _bundle_override(text: str) -> tuple[str, object]:
+    """``ID=VALUE`` -> ``(ID, VALUE)``; VALUE is read as JSON (``0.25``, ``[2, 2, -1]``, ``true``), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected ID=VALUE (e.g. loss#weight_power=0.25), got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="last",
         help="evaluate the last epoch (default) or the best validation epoch (optimistic)",
     )
+    c.add_argument(
+        "--set",
+        dest="bundle_overrides",
+        type=_bundle_override,
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help="any other bundle override for every run, VALUE as JSON, e.g. --set loss#weight_power=0.25",
+    )
     c.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -69,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dataset_config=args.dataset_config,
             recipe=args.recipe,
             checkpoint=args.checkpoint,
+            bundle_overrides=dict(args.bundle_overrides),
             progress=not args.no_progress,
         )
     except ExperimentError as e:

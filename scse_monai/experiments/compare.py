@@ -151,6 +151,7 @@ def compare(
     dataset_config: str | None = None,
     recipe: str | None = None,
     checkpoint: str = "last",
+    bundle_overrides: dict | None = None,
     bundle_root: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
@@ -175,6 +176,8 @@ def compare(
         recipe: a ``bundle/configs/recipes/<name>.json`` override (``paper`` or ``report``).
         checkpoint: evaluate the ``"last"`` epoch (default; the held-out fold is never used to pick weights) or
             the ``"best"`` validation epoch (optimistic: picked on the evaluated fold).
+        bundle_overrides: any other bundle ids for every run, e.g. ``{"loss#weight_power": 0.25}`` (applied
+            last; recorded in ``settings.json`` like the rest).
         bundle_root: the bundle folder (default: the repository's ``bundle/``).
         progress: show a progress bar over runs.
 
@@ -240,6 +243,10 @@ def compare(
     if pixdim is not None:
         overrides["pixdim"] = [float(v) for v in pixdim]
     overrides["val_interval"] = val_interval
+    for key, value in (bundle_overrides or {}).items():
+        if not isinstance(key, str) or not key or key.startswith("#"):
+            raise ExperimentError(f"--set: bad bundle id {key!r}")
+        overrides[key] = value
     settings_record = {
         "datalist": str(datalist.resolve()),
         "folds": folds,
