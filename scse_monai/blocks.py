@@ -77,7 +77,7 @@ class ChannelSELayer(nn.Module):
                 f"allowed values are 1..{in_channels}."
             )
         self.spatial_dims = spatial_dims
-        # x.mean over the spatial dims is the global average pool; on CPU it is several times faster than
+        # a sum over the spatial dims / their size is the global average pool; on CPU it is several times faster than
         # AdaptiveAvgPool{1,2,3}d(1) for large maps
         self.reduce_dims: list[int] = list(range(2, 2 + spatial_dims))
         self.fc = nn.Sequential(
@@ -90,7 +90,11 @@ class ChannelSELayer(nn.Module):
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the channel gates, shape ``(B, C, 1, ...)``, broadcastable against ``x``."""
         b, c = x.shape[0], x.shape[1]
-        y = self.fc(x.mean(self.reduce_dims))
+        n = 1
+        for d in self.reduce_dims:
+            n = n * x.shape[d]
+        # sum / n, not mean: mean's backward writes a full-size grad / n map; sum's is an expanded view
+        y = self.fc(x.sum(self.reduce_dims) / max(n, 1))
         return y.view([b, c] + [1] * self.spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,9 +167,7 @@ class ChannelSpatialSELayer(nn.Module):
         True
     """
 
-    def __init__(
-        self, spatial_dims: int, in_channels: int, reduction_ratio: int = 2, aggregation: str = "max"
-    ) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, reduction_ratio: int = 2, aggregation: str = "max") -> None:
         super().__init__()
         if not isinstance(aggregation, str) or aggregation.lower() not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
@@ -196,7 +198,11 @@ class ChannelSpatialSELayer(nn.Module):
         if self.aggregation == "mul":
             # (x*gc) * (x*gs) == (x*x) * (gc*gs); gc*gs is the only other full-size tensor.
             return (x * x) * (gc * gs)
-        return torch.maximum(x * gc, x * gs)
+        # max(a, b) == b + relu(a - b) with a - b == x * (gc - gs): the same values (to rounding), and a backward of
+        # cheap elementwise ops. torch.maximum's backward (where / masked_fill / eq for both inputs) made forward +
+        # backward of the block 2.7x slower (4 x 64 x 128 x 128, 1 thread). Where x * gc == x * gs (x == 0, e.g.
+        # after a ReLU) the gradient w.r.t. x goes to the sSE branch instead of half to each: another subgradient.
+        return torch.addcmul(torch.relu(x * (gc - gs)), x, gs)
 
 
 @torch.jit.unused

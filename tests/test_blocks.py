@@ -269,3 +269,17 @@ def test_scse_parts_are_independent_of_each_other():
     assert torch.equal(block.sse(x), before)
     assert set(dict(block.named_children())) >= {"cse", "sse"}
     assert len(list(itertools.chain(block.cse.parameters(), block.sse.parameters()))) == 6
+
+
+@pytest.mark.parametrize("spatial_dims", DIMS)
+def test_max_training_gradients_match_the_definition(spatial_dims):
+    # the autograd branch computes max(x*gc, x*gs) as x*gs + relu(x*(gc - gs)); away from ties its gradients
+    # (w.r.t. the input and every weight) must be those of torch.maximum
+    torch.manual_seed(0)
+    block = ChannelSpatialSELayer(spatial_dims, 6, reduction_ratio=2, aggregation="max")
+    x = rand(spatial_dims, size=7).requires_grad_(True)
+    weights = (x, *block.parameters())
+    got = torch.autograd.grad(block(x).square().sum(), weights)
+    expected = torch.autograd.grad(torch.maximum(block.cse(x), block.sse(x)).square().sum(), weights)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-5)
