@@ -326,3 +326,37 @@ def test_onnx_export_matches_the_network(tmp_path: Path) -> None:
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(out, net(x).numpy(), atol=1e-4)
+
+
+def _largest_component_transform(config: str, switch: bool) -> object:
+    """The KeepLargestConnectedComponentd that ``config``'s post-processing applies (found by target, not index)."""
+    configs = [str(BUNDLE / "configs" / config)]
+    path = "postprocessing#transforms"
+    if config == "evaluate.json":  # evaluate.json extends train.json's validation
+        configs.insert(0, str(BUNDLE / "configs" / "train.json"))
+        path = "validate#postprocessing#transforms"
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser["keep_largest_component"] = switch
+    items = parser[path]
+    for i, item in enumerate(items):
+        ref = item if isinstance(item, str) else item.get("_target_", "")
+        if "largest_component" in ref or ref == "KeepLargestConnectedComponentd":
+            return parser.get_parsed_content(f"{path}#{i}")
+    raise AssertionError(f"{config}: no KeepLargestConnectedComponentd in {path}")
+
+
+@pytest.mark.parametrize("config", ["evaluate.json", "inference.json"])
+def test_postprocessing_keeps_the_largest_component_per_organ(config: str) -> None:
+    label = torch.zeros(1, 12, 12, 3, dtype=torch.long)
+    label[0, 1:6, 1:6] = 1  # liver: 75 voxels ...
+    label[0, 9:11, 9:11, 0] = 1  # ... and a 4-voxel island
+    label[0, 8:10, 1:3] = 4  # spleen, one component
+    label[0, 1:2, 9:10, 2] = 4  # a 1-voxel spleen island
+    expected = label.clone()
+    expected[0, 9:11, 9:11, 0] = 0
+    expected[0, 1:2, 9:10, 2] = 0
+    kept = _largest_component_transform(config, True)({"pred": label.clone()})["pred"]
+    assert torch.equal(torch.as_tensor(kept), expected)
+    untouched = _largest_component_transform(config, False)({"pred": label.clone()})["pred"]
+    assert torch.equal(torch.as_tensor(untouched), label)
