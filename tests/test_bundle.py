@@ -360,3 +360,22 @@ def test_postprocessing_keeps_the_largest_component_per_organ(config: str) -> No
     assert torch.equal(torch.as_tensor(kept), expected)
     untouched = _largest_component_transform(config, False)({"pred": label.clone()})["pred"]
     assert torch.equal(torch.as_tensor(untouched), label)
+
+
+def test_shipped_weights_are_consistent() -> None:
+    """model.pt fits inference.json's network strictly, model.ts is its export with today's configs, both < 25 MB."""
+    pt, ts = BUNDLE / "models" / "model.pt", BUNDLE / "models" / "model.ts"
+    assert pt.stat().st_size < 25e6 and ts.stat().st_size < 25e6
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser["device"] = "$torch.device('cpu')"
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True), strict=True)
+    net.eval()
+    extra = {"metadata.json": "", "inference.json": ""}
+    scripted = torch.jit.load(str(ts), map_location="cpu", _extra_files=extra)
+    for name in extra:
+        assert json.loads(extra[name]) == json.loads((BUNDLE / "configs" / name).read_text()), f"re-export {name}"
+    x = torch.rand(1, 1, 96, 80)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), net(x), atol=1e-5)
