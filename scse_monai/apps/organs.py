@@ -72,7 +72,7 @@ def read_torchscript_metadata(model_ts: str | Path) -> dict:
 
     Example:
         >>> read_torchscript_metadata("bundle/models/model.ts")["version"]  # doctest: +SKIP
-        '0.1.0'
+        '0.2.0'
     """
     path = Path(model_ts)
     try:
