@@ -34,10 +34,10 @@ def run(quick: bool = False) -> dict:
     Args:
         quick: features 16 on 2 x 1 x 64 x 64 and fewer repetitions (a smoke run, not the paper's setting).
     """
-    # a full run must stay within a few minutes on 2 cores: 5 interleaved repetitions for inference, 3 for the
+    # a full run must stay within a few minutes on 2 cores: 7 interleaved repetitions for inference, 5 for the
     # (about 3x slower) training step, one warm-up each
     features, shape = (16, (2, 1, 64, 64)) if quick else (64, (4, 1, 128, 128))
-    repeats = {"inference": 3, "training": 2} if quick else {"inference": 5, "training": 3}
+    repeats = {"inference": 3, "training": 2} if quick else {"inference": 7, "training": 5}
     torch.manual_seed(0)
     base = _net(None, features, None)
     nets = {str(se).lower(): _net(se, features, base.state_dict()) for se in VARIANTS}

@@ -35,6 +35,15 @@ SE_LAYER_NAMES: tuple[str, ...] = ("none", "cse", "sse", "scse")
 _SPATIAL_DIMS = (1, 2, 3)
 
 
+#: Inference maps of at least this many elements (4 MiB of float32) are aggregated chunk by chunk; smaller ones
+#: stay in cache anyway, and there the per-chunk Python overhead made the chunked path slower than plain ops.
+CHUNKED_MIN_ELEMENTS = 1 << 20
+#: Elements per chunk (2 MiB of float32): above torch's parallel grain size, so every op of a chunk still uses all
+#: intra-op threads (with chunks at the grain size each op ran on one thread, and 2 threads did the naive form
+#: faster), and few enough chunks that the fork-joins per call stay in the tens. Measured on 2 cores, idle.
+CHUNK_ELEMENTS = 1 << 19
+
+
 def _check_spatial_dims(spatial_dims: int) -> None:
     if spatial_dims not in _SPATIAL_DIMS:
         raise ValueError(f"spatial_dims must be one of {_SPATIAL_DIMS}, got {spatial_dims!r}.")
@@ -172,6 +181,10 @@ class ChannelSpatialSELayer(nn.Module):
         if not isinstance(aggregation, str) or aggregation.lower() not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
         self.aggregation: str = aggregation.lower()
+        # inference on CPU: maps of at least chunked_min_elements are aggregated chunk by chunk (instance
+        # attributes, not globals, so that TorchScript sees them)
+        self.chunked_min_elements: int = CHUNKED_MIN_ELEMENTS
+        self.chunk_elements: int = CHUNK_ELEMENTS
         self.cse = ChannelSELayer(spatial_dims, in_channels, reduction_ratio)
         self.sse = SpatialSELayer(spatial_dims, in_channels)
         # Only "concat" has its own weights; an Identity keeps the module tree TorchScript-friendly.
@@ -187,11 +200,16 @@ class ChannelSpatialSELayer(nn.Module):
         if self.aggregation == "concat":
             return self.fuse(torch.cat([x * gc, x * gs], dim=1))
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or gc.requires_grad or gs.requires_grad)
-        if not needs_grad and x.device.type == "cpu" and x.is_contiguous():
-            chunk = 32768
-            if not torch.jit.is_scripting():
-                chunk = _eager_chunk_elements()
-            return _aggregate_in_chunks(x, gc, gs, self.aggregation, chunk)
+        if not needs_grad:
+            if x.device.type == "cpu" and x.is_contiguous() and x.numel() >= self.chunked_min_elements:
+                return _aggregate_in_chunks(x, gc, gs, self.aggregation, self.chunk_elements)
+            # small maps (they stay in cache) and other devices: one or two allocations instead of three
+            out = x * gc
+            if self.aggregation == "add":
+                return out.addcmul_(x, gs)
+            if self.aggregation == "mul":
+                return out.mul_(x).mul_(gs)
+            return torch.maximum(out, x * gs, out=out)
         if self.aggregation == "add":
             # x*gc + x*gs as one product and one fused multiply-add: no full-size (gc + gs) temporary
             return torch.addcmul(x * gc, x, gs)
@@ -205,19 +223,8 @@ class ChannelSpatialSELayer(nn.Module):
         return torch.addcmul(torch.relu(x * (gc - gs)), x, gs)
 
 
-@torch.jit.unused
-def _eager_chunk_elements() -> int:
-    """Chunk size for :func:`_aggregate_in_chunks` (TorchScript, which cannot query threads, uses 32768).
-
-    Single-threaded, larger chunks (512 KiB of float32) still fit L2 and cut the per-chunk Python overhead;
-    with several threads, chunks stay at torch's grain size so that no op forks threads (measured on 2 cores:
-    thousands of 2-thread fork-joins per call were up to 100x slower on a loaded machine).
-    """
-    return 131072 if torch.get_num_threads() == 1 else 32768
-
-
 def _aggregate_in_chunks(
-    x: torch.Tensor, gc: torch.Tensor, gs: torch.Tensor, aggregation: str, chunk_elements: int = 32768
+    x: torch.Tensor, gc: torch.Tensor, gs: torch.Tensor, aggregation: str, chunk_elements: int = CHUNK_ELEMENTS
 ) -> torch.Tensor:
     """Inference-only scSE aggregation ("max", "add" or "mul") written into one output, chunk by chunk.
 
@@ -226,9 +233,8 @@ def _aggregate_in_chunks(
     both gates while it is in cache, and written once into the only full-size allocation, the output.
     ``x`` must be contiguous, ``gc`` of shape ``(B, C, 1, ...)``, ``gs`` of shape ``(B, 1, *spatial)``.
 
-    ``chunk_elements``: 32768 elements (128 KiB of float32) stay in L2 between the 2-3 passes over a chunk, and
-    are not above torch's parallel grain size, so each op runs in the calling thread: thousands of small
-    fork-joins would cost more than they gain, and are pathological on a loaded machine.
+    ``chunk_elements``: elements per chunk (default :data:`CHUNK_ELEMENTS`); a chunk and its one temporary stay
+    in cache between the 2-3 passes over it.
     """
     b_, c_ = x.shape[0], x.shape[1]
     n = 1

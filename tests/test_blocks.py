@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 
 import pytest
 import torch
@@ -126,11 +127,17 @@ def test_scse_aggregation_equals_definition(spatial_dims, aggregation, grad):
         assert torch.allclose(got, DEFINITIONS[aggregation](block, x), atol=1e-5)
 
 
-def test_max_on_large_map_takes_chunked_path_and_matches():
-    # big enough for several chunks per channel and several channels per chunk in different cases
+@pytest.mark.parametrize("chunked", [True, False])
+def test_inference_paths_match_the_definition(chunked):
+    # chunked: small chunks, so that there are several chunks per channel and several channels per chunk
+    # in different cases; not chunked: the in-place path of maps below chunked_min_elements
     torch.manual_seed(0)
     for shape in [(2, 3, 70_001), (3, 40, 33, 31)]:
         block = ChannelSpatialSELayer(len(shape) - 2, shape[1], aggregation="max").eval()
+        if chunked:
+            block.chunked_min_elements, block.chunk_elements = 0, 4096
+        else:
+            assert block.chunked_min_elements > math.prod(shape)
         x = torch.randn(shape)
         with torch.no_grad():
             assert torch.equal(block(x), torch.maximum(block.cse(x), block.sse(x)))
