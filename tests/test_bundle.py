@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -252,24 +253,24 @@ def test_resume_after_kill_mid_epoch(tmp_path: Path, dataset: Path) -> None:
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks(tmp_path: Path, dataset: Path) -> None:
-    ov = _overrides(tmp_path, dataset, epochs=1)
-    args = ["--config_file", json.dumps([str(CFG / "train.json"), str(CFG / "multi_gpu_train.json")]), *_cli_flags(ov)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        *args,
-    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    for attempt in (1, 2):
+        out_dir = tmp_path / f"attempt{attempt}"
+        ov = _overrides(out_dir, dataset, epochs=1)
+        configs = json.dumps([str(CFG / "train.json"), str(CFG / "multi_gpu_train.json")])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+        cmd += ["-m", "monai.bundle", "run", "training", "--config_file", configs, *_cli_flags(ov)]
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+        # one CI run (of many) saw a rank killed by SIGABRT inside gloo, not reproduced in 10 local runs: a rank
+        # killed by a signal gets one more attempt, loudly; a Python error in a rank fails at once
+        if res.returncode != 0 and attempt == 1 and "Signal" in res.stderr and "Traceback" not in res.stderr:
+            warnings.warn(f"torchrun: a rank was killed by a signal; retrying:\n{res.stderr[-3000:]}", stacklevel=1)
+            continue
+        break
+    if res.returncode != 0:  # pytest.fail keeps the whole text (an assert message would be truncated)
+        out, err = res.stdout[-3000:], res.stderr[-8000:]
+        pytest.fail(f"torchrun exited {res.returncode}\n--- stdout\n{out}\n--- stderr\n{err}")
+    tmp_path = out_dir
     assert (tmp_path / "models" / "model.pt").is_file()
     assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
