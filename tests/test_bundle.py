@@ -261,8 +261,8 @@ def test_torchrun_two_cpu_ranks(tmp_path: Path, dataset: Path) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
         cmd += ["-m", "monai.bundle", "run", "training", "--config_file", configs, *_cli_flags(ov)]
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-        # one CI run (of many) saw a rank killed by SIGABRT (its output was truncated), not reproduced in 10 local runs: a rank
-        # killed by a signal gets one more attempt, loudly; a Python error in a rank fails at once
+        # one CI run (of many) saw a rank killed by SIGABRT (its output was truncated), not reproduced in 10
+        # local runs: a rank killed by a signal gets one more attempt, loudly; a Python error fails at once
         if res.returncode != 0 and attempt == 1 and "Signal" in res.stderr and "Traceback" not in res.stderr:
             warnings.warn(f"torchrun: a rank was killed by a signal; retrying:\n{res.stderr[-3000:]}", stacklevel=1)
             continue
