@@ -84,6 +84,13 @@ def _bundle_cli(*args: str, cwd: Path = REPO, timeout: int = 600, **kw) -> subpr
     )
 
 
+def _export_cli(command: str, filepath: Path, ckpt: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle <command> network_def`` of a features-4 network with the bundle's configs."""
+    meta, config = str(CFG / "metadata.json"), str(CFG / "inference.json")
+    args = ["--filepath", str(filepath), "--ckpt_file", str(ckpt), "--meta_file", meta, "--config_file", config]
+    return _bundle_cli(command, "network_def", *args, "--features", "4", *extra)
+
+
 @pytest.mark.slow
 def test_train_evaluate_infer_export(tmp_path: Path, dataset: Path) -> None:
     ov = _overrides(tmp_path, dataset)
@@ -125,20 +132,7 @@ def test_train_evaluate_infer_export(tmp_path: Path, dataset: Path) -> None:
         assert set(np.unique(np.asarray(pred.dataobj))) <= set(range(5))
 
     ts = tmp_path / "model.ts"
-    res = _bundle_cli(
-        "ckpt_export",
-        "network_def",
-        "--filepath",
-        str(ts),
-        "--ckpt_file",
-        str(models / "model.pt"),
-        "--meta_file",
-        str(CFG / "metadata.json"),
-        "--config_file",
-        str(CFG / "inference.json"),
-        "--features",
-        "4",
-    )
+    res = _export_cli("ckpt_export", ts, models / "model.pt")
     assert res.returncode == 0, res.stderr[-3000:]
     extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(ts), _extra_files=extra)
@@ -303,24 +297,7 @@ def test_onnx_export_matches_the_network(tmp_path: Path) -> None:
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     onnx_path = tmp_path / "model.onnx"
-    res = _bundle_cli(
-        "onnx_export",
-        "network_def",
-        "--filepath",
-        str(onnx_path),
-        "--ckpt_file",
-        str(ckpt),
-        "--meta_file",
-        str(CFG / "metadata.json"),
-        "--config_file",
-        str(CFG / "inference.json"),
-        "--features",
-        "4",
-        "--use_trace",
-        "True",
-        "--input_shape",
-        "[1, 1, 64, 64]",
-    )
+    res = _export_cli("onnx_export", onnx_path, ckpt, "--use_trace", "True", "--input_shape", "[1, 1, 64, 64]")
     assert res.returncode == 0, res.stderr[-3000:]
     x = torch.randn(1, 1, 64, 64)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
