@@ -200,8 +200,9 @@ class ChannelSpatialSELayer(nn.Module):
         if self.aggregation == "concat":
             return self.fuse(torch.cat([x * gc, x * gs], dim=1))
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or gc.requires_grad or gs.requires_grad)
+        chunked = x.device.type == "cpu" and x.is_contiguous() and x.numel() >= self.chunked_min_elements
         if not needs_grad:
-            if x.device.type == "cpu" and x.is_contiguous() and x.numel() >= self.chunked_min_elements:
+            if chunked:
                 return _aggregate_in_chunks(x, gc, gs, self.aggregation, self.chunk_elements)
             # small maps (they stay in cache) and other devices: one or two allocations instead of three
             out = x * gc
@@ -216,12 +217,7 @@ class ChannelSpatialSELayer(nn.Module):
         if self.aggregation == "mul":
             # (x*gc) * (x*gs) == (x*x) * (gc*gs); gc*gs is the only other full-size tensor.
             return (x * x) * (gc * gs)
-        if (
-            not torch.jit.is_scripting()
-            and x.device.type == "cpu"
-            and x.is_contiguous()
-            and x.numel() >= self.chunked_min_elements
-        ):
+        if chunked and not torch.jit.is_scripting():
             return _max_out_with_chunked_backward(x, gc, gs, self.chunk_elements)
         # max(a, b) == b + relu(a - b) with a - b == x * (gc - gs): the same values (to rounding), and a backward of
         # cheap elementwise ops. torch.maximum's backward (where / masked_fill / eq for both inputs) made forward +
@@ -254,31 +250,41 @@ def _aggregate_in_chunks(
     out3 = out.view(b_, c_, n)
     gc3 = gc.reshape(b_, c_, 1)
     gs3 = gs.reshape(b_, 1, n)
-    cs = max(1, chunk_elements // n)  # channels per chunk (small maps)
-    ns = min(n, chunk_elements)  # positions per chunk (large maps)
-    tmp = torch.empty([cs * ns if aggregation == "max" else 0], dtype=x.dtype, device=x.device)
+    tmp = torch.empty([chunk_elements if aggregation == "max" else 0], dtype=x.dtype, device=x.device)
+    for b, c0, cn, n0, nn_ in _chunk_spans(b_, c_, n, chunk_elements):
+        xs = x3[b, c0 : c0 + cn, n0 : n0 + nn_]
+        o = out3[b, c0 : c0 + cn, n0 : n0 + nn_]
+        gcb = gc3[b, c0 : c0 + cn]
+        gsb = gs3[b, :, n0 : n0 + nn_]
+        if aggregation == "max":
+            t = tmp[: cn * nn_].view(cn, nn_)
+            torch.mul(xs, gcb, out=o)
+            torch.mul(xs, gsb, out=t)
+            torch.maximum(o, t, out=o)
+        elif aggregation == "add":
+            torch.mul(xs, gcb, out=o)
+            o.addcmul_(xs, gsb)
+        else:
+            torch.mul(xs, xs, out=o)
+            o.mul_(gcb)
+            o.mul_(gsb)
+    return out
+
+
+def _chunk_spans(b_: int, c_: int, n: int, chunk_elements: int) -> list[tuple[int, int, int, int, int]]:
+    """``(batch, first channel, channels, first position, positions)`` of every chunk of a ``(B, C, N)`` map.
+
+    A chunk holds at most ``chunk_elements`` elements (at least one): several whole channels of a small map, or
+    part of one channel of a large map. Shared by the chunked forward and backward passes.
+    """
+    cs = max(1, chunk_elements // max(n, 1))  # channels per chunk (small maps)
+    ns = max(1, min(n, chunk_elements))  # positions per chunk (large maps)
+    spans: list[tuple[int, int, int, int, int]] = []
     for b in range(b_):
         for c0 in range(0, c_, cs):
-            cn = min(cs, c_ - c0)
-            gcb = gc3[b, c0 : c0 + cn]
             for n0 in range(0, n, ns):
-                nn_ = min(ns, n - n0)
-                xs = x3[b, c0 : c0 + cn, n0 : n0 + nn_]
-                o = out3[b, c0 : c0 + cn, n0 : n0 + nn_]
-                gsb = gs3[b, :, n0 : n0 + nn_]
-                if aggregation == "max":
-                    t = tmp[: cn * nn_].view(cn, nn_)
-                    torch.mul(xs, gcb, out=o)
-                    torch.mul(xs, gsb, out=t)
-                    torch.maximum(o, t, out=o)
-                elif aggregation == "add":
-                    torch.mul(xs, gcb, out=o)
-                    o.addcmul_(xs, gsb)
-                else:
-                    torch.mul(xs, xs, out=o)
-                    o.mul_(gcb)
-                    o.mul_(gsb)
-    return out
+                spans.append((b, c0, min(cs, c_ - c0), n0, min(ns, n - n0)))
+    return spans
 
 
 class _ChunkedMaxOut(torch.autograd.Function):
@@ -311,22 +317,17 @@ class _ChunkedMaxOut(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_gc = torch.zeros(b_, c_, dtype=x.dtype, device=x.device)
         grad_gs = torch.zeros(b_, n, dtype=x.dtype, device=x.device)
-        cs = max(1, ctx.chunk_elements // max(n, 1))  # channels per chunk (small maps)
-        ns = max(1, min(n, ctx.chunk_elements))  # positions per chunk (large maps)
-        for b in range(b_):
-            for c0 in range(0, c_, cs):
-                gcb = gc3[b, c0 : c0 + cs]
-                for n0 in range(0, n, ns):
-                    part = (b, slice(c0, c0 + cs), slice(n0, n0 + ns))
-                    xs, gg, gsb = x3[part], g3[part], gs3[b, :, n0 : n0 + ns]
-                    cse_wins = torch.mul(xs, gcb) > torch.mul(xs, gsb)
-                    if grad_x is not None:
-                        torch.mul(gg, torch.where(cse_wins, gcb, gsb), out=grad_x.view(b_, c_, n)[part])
-                    if need_gc or need_gs:
-                        gx = gg * xs  # d out / d gate, before choosing the branch
-                        to_cse = torch.where(cse_wins, gx, 0.0)
-                        grad_gc[b, c0 : c0 + cs] += to_cse.sum(1)
-                        grad_gs[b, n0 : n0 + ns] += gx.sum(0) - to_cse.sum(0)
+        for b, c0, cn, n0, nn_ in _chunk_spans(b_, c_, n, ctx.chunk_elements):
+            part = (b, slice(c0, c0 + cn), slice(n0, n0 + nn_))
+            xs, gg, gcb, gsb = x3[part], g3[part], gc3[b, c0 : c0 + cn], gs3[b, :, n0 : n0 + nn_]
+            cse_wins = torch.mul(xs, gcb) > torch.mul(xs, gsb)
+            if grad_x is not None:
+                torch.mul(gg, torch.where(cse_wins, gcb, gsb), out=grad_x.view(b_, c_, n)[part])
+            if need_gc or need_gs:
+                gx = gg * xs  # d out / d gate, before choosing the branch
+                to_cse = torch.where(cse_wins, gx, 0.0)
+                grad_gc[b, c0 : c0 + cn] += to_cse.sum(1)
+                grad_gs[b, n0 : n0 + nn_] += gx.sum(0) - to_cse.sum(0)
         return (
             grad_x,
             grad_gc.view(gc.shape) if need_gc else None,
