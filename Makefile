@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+# Every pip install goes through this wrapper: it retries when the registry connection drops mid-download.
+PIP_INSTALL := bash mk/pip-install
 PYTEST_ARGS ?=
 # Extra environments (MONAI Label, MONAI Deploy) add their setup targets here from mk/*.mk.
 TEST_DEPS := setup
@@ -15,11 +17,11 @@ PREPARED ?= prepared
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml mk/pip-install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(PIP_INSTALL) $(BIN)/python -q --upgrade pip
+	$(PIP_INSTALL) $(BIN)/python -q $(TORCH)
+	$(PIP_INSTALL) $(BIN)/python -q -e ".[dev]"
 	touch $@
 
 -include mk/*.mk

@@ -16,11 +16,11 @@ TEST_DEPS += label-setup deploy-setup
 .PHONY: label-setup deploy-setup label-server deploy-run
 
 # $(call apps_pip,VENV,ARGS): quiet pip install; its output goes to VENV/setup.log and is shown only on failure.
-apps_pip = $(1)/bin/python -m pip install -q $(2) >>$(1)/setup.log 2>&1 || { cat $(1)/setup.log; exit 1; }
+apps_pip = $(PIP_INSTALL) $(1)/bin/python -q $(2) >>$(1)/setup.log 2>&1 || { cat $(1)/setup.log; exit 1; }
 
 label-setup: $(LABEL_VENV)/.installed
 
-$(LABEL_VENV)/.installed: requirements/label.txt pyproject.toml mk/apps.mk
+$(LABEL_VENV)/.installed: requirements/label.txt pyproject.toml mk/apps.mk mk/pip-install
 	@echo "setting up $(LABEL_VENV) (MONAI Label 0.8.5) ..."
 	@test -x $(LABEL_VENV)/bin/python || $(PYTHON) -m venv $(LABEL_VENV)
 	@: > $(LABEL_VENV)/setup.log
@@ -36,7 +36,7 @@ $(LABEL_VENV)/.installed: requirements/label.txt pyproject.toml mk/apps.mk
 
 deploy-setup: $(DEPLOY_VENV)/.installed
 
-$(DEPLOY_VENV)/.installed: requirements/deploy.txt pyproject.toml mk/apps.mk
+$(DEPLOY_VENV)/.installed: requirements/deploy.txt pyproject.toml mk/apps.mk mk/pip-install
 	@echo "setting up $(DEPLOY_VENV) (MONAI Deploy App SDK 4.0.0) ..."
 	@test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
 	@: > $(DEPLOY_VENV)/setup.log
