@@ -195,12 +195,17 @@ class ChannelSpatialSELayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunked = x.device.type == "cpu" and x.is_contiguous() and x.numel() >= self.chunked_min_elements
+        if self.aggregation == "max" and chunked and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            fc1, fc2, conv = self.cse.fc[0], self.cse.fc[2], self.sse.conv
+            return _fused_scse_max_out(
+                x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv.weight, conv.bias, self.chunk_elements
+            )
         gc = self.cse.gate(x)  # (B, C, 1, ...)
         gs = self.sse.gate(x)  # (B, 1, *spatial)
         if self.aggregation == "concat":
             return self.fuse(torch.cat([x * gc, x * gs], dim=1))
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or gc.requires_grad or gs.requires_grad)
-        chunked = x.device.type == "cpu" and x.is_contiguous() and x.numel() >= self.chunked_min_elements
         if not needs_grad:
             if chunked:
                 return _aggregate_in_chunks(x, gc, gs, self.aggregation, self.chunk_elements)
@@ -217,8 +222,6 @@ class ChannelSpatialSELayer(nn.Module):
         if self.aggregation == "mul":
             # (x*gc) * (x*gs) == (x*x) * (gc*gs); gc*gs is the only other full-size tensor.
             return (x * x) * (gc * gs)
-        if chunked and not torch.jit.is_scripting():
-            return _max_out_with_chunked_backward(x, gc, gs, self.chunk_elements)
         # max(a, b) == b + relu(a - b) with a - b == x * (gc - gs): the same values (to rounding), and a backward of
         # cheap elementwise ops. torch.maximum's backward (where / masked_fill / eq for both inputs) made forward +
         # backward of the block 2.7x slower (4 x 64 x 128 x 128, 1 thread). Where x * gc == x * gs (x == 0, e.g.
@@ -287,61 +290,103 @@ def _chunk_spans(b_: int, c_: int, n: int, chunk_elements: int) -> list[tuple[in
     return spans
 
 
-class _ChunkedMaxOut(torch.autograd.Function):
-    """``max(x * gc, x * gs)`` with forward and backward computed chunk by chunk (CPU, contiguous ``x``).
+class _FusedScSEMaxOut(torch.autograd.Function):
+    """The whole scSE block with max-out (both gates and the aggregation) as one autograd node, chunk by chunk.
 
-    Hand-written because autograd's version of the formula keeps two or more full-size maps per block for the
-    backward pass and allocates several more during it; on CPU every fresh large allocation is paged in
-    (tens of thousands of page faults per training step of SE-UNet at features 64 were measured). This one
-    saves only ``x`` and the two small gate tensors (``x`` is kept by the preceding ReLU anyway) and allocates
-    one full-size map per pass: the output, then the input's gradient. Ties (``x * gc == x * gs``) send the
-    gradient to the sSE branch, as the autograd branch (``x * gs + relu(x * (gc - gs))``) does.
+    CPU training path for contiguous maps. Hand-written because autograd's version of the block makes several
+    full-size passes and allocations in the backward: the aggregation's input gradient, the sSE 1x1
+    convolution's input gradient (a fresh full-size map), the cSE mean's broadcast gradient, and the sums of the
+    three. On CPU every fresh large allocation is also paged in (tens of thousands of page faults per training
+    step of SE-UNet at features 64 were measured). Here the backward writes one full-size map, the input's
+    gradient, in two chunked passes:
+
+    1. per chunk: the max-out gradient ``grad * (gc if x*gc > x*gs else gs)`` and the partial sums of
+       ``grad * x`` that the two gates receive;
+    2. after the small gate networks' backward: the gates' own contributions to the input gradient,
+       ``w_sse[c] * dz[b, n] + dmean[b, c] / N``, added in place, and the sSE weight gradient.
+
+    Only ``x``, the channel means and the two gate tensors are saved (``x`` is kept by the preceding layer
+    anyway). Ties (``x * gc == x * gs``) send the gradient to the sSE branch, as the autograd formula
+    ``x * gs + relu(x * (gc - gs))`` does. Inputs after ``x``: the cSE's two Linear layers (weight, bias) and the
+    sSE's 1x1 convolution (weight, bias), then the chunk size.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gc: torch.Tensor, gs: torch.Tensor, chunk_elements: int) -> torch.Tensor:
-        ctx.save_for_backward(x, gc, gs)
+    def forward(ctx, x, w1, b1, w2, b2, ws, bs, chunk_elements: int):
+        b_, c_ = x.shape[0], x.shape[1]
+        n = x[0, 0].numel() if b_ * c_ else 0
+        x3 = x.view(b_, c_, n)
+        mean = x3.sum(2) / max(n, 1)
+        gc = _cse_gate(mean, w1, b1, w2, b2)  # (B, C)
+        gs = torch.sigmoid(torch.baddbmm(bs.view(1, 1, 1), ws.reshape(1, 1, c_).expand(b_, 1, c_), x3))  # (B, 1, N)
+        ctx.save_for_backward(x, mean, gc, gs, w1, b1, w2, b2, ws)
         ctx.chunk_elements = chunk_elements
         return _aggregate_in_chunks(x, gc, gs, "max", chunk_elements)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, gc, gs = ctx.saved_tensors
-        need_x, need_gc, need_gs = ctx.needs_input_grad[:3]
+        x, mean, gc, gs, w1, b1, w2, b2, ws = ctx.saved_tensors
         grad = grad.contiguous()
         b_, c_ = x.shape[0], x.shape[1]
         n = x[0, 0].numel() if b_ * c_ else 0
-        x3, g3 = x.reshape(b_, c_, n), grad.reshape(b_, c_, n)
-        gc3, gs3 = gc.reshape(b_, c_, 1), gs.reshape(b_, 1, n)
-        grad_x = torch.empty_like(x) if need_x else None
+        x3, g3 = x.view(b_, c_, n), grad.view(b_, c_, n)
+        gc3, gs3 = gc.view(b_, c_, 1), gs.view(b_, 1, n)
+        grad_x = torch.empty_like(x)
+        gx3 = grad_x.view(b_, c_, n)
         grad_gc = torch.zeros(b_, c_, dtype=x.dtype, device=x.device)
         grad_gs = torch.zeros(b_, n, dtype=x.dtype, device=x.device)
-        for b, c0, cn, n0, nn_ in _chunk_spans(b_, c_, n, ctx.chunk_elements):
+        spans = _chunk_spans(b_, c_, n, ctx.chunk_elements)
+        # two chunk-sized work buffers for the whole pass: one allocation each instead of several per chunk
+        work = torch.empty([2, min(ctx.chunk_elements, max(c_ * n, 1))], dtype=x.dtype, device=x.device)
+        for b, c0, cn, n0, nn_ in spans:  # pass 1
             part = (b, slice(c0, c0 + cn), slice(n0, n0 + nn_))
             xs, gg, gcb, gsb = x3[part], g3[part], gc3[b, c0 : c0 + cn], gs3[b, :, n0 : n0 + nn_]
-            cse_wins = torch.mul(xs, gcb) > torch.mul(xs, gsb)
-            if grad_x is not None:
-                torch.mul(gg, torch.where(cse_wins, gcb, gsb), out=grad_x.view(b_, c_, n)[part])
-            if need_gc or need_gs:
-                gx = gg * xs  # d out / d gate, before choosing the branch
-                to_cse = torch.where(cse_wins, gx, 0.0)
-                grad_gc[b, c0 : c0 + cn] += to_cse.sum(1)
-                grad_gs[b, n0 : n0 + nn_] += gx.sum(0) - to_cse.sum(0)
-        return (
-            grad_x,
-            grad_gc.view(gc.shape) if need_gc else None,
-            grad_gs.view(gs.shape) if need_gs else None,
-            None,
-        )
+            d, w = work[0, : cn * nn_].view(cn, nn_), work[1, : cn * nn_].view(cn, nn_)
+            # max(x*gc, x*gs) == x*gs + relu(x*d) with d = gc - gs. The branch indicator w is computed in float
+            # (relu then sign: 1.0 where the cSE map is larger, else 0.0): boolean masks and torch.where were
+            # 4-40x slower than float ops of the same size on CPU (measured on (32, 16384) chunks).
+            torch.sub(gcb, gsb, out=d)
+            torch.mul(xs, d, out=w).relu_().sign_()
+            torch.mul(gg, torch.addcmul(gsb, d, w, out=d), out=gx3[part])  # grad * (gc if cSE wins else gs)
+            gx = torch.mul(gg, xs, out=d)  # d out / d gate, before choosing the branch
+            to_cse = w.mul_(gx)
+            grad_gc[b, c0 : c0 + cn] += to_cse.sum(1)
+            grad_gs[b, n0 : n0 + nn_] += gx.sub_(to_cse).sum(0)
+        # the small gate networks: autograd on (B, C) and (B, N) tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (mean, w1, b1, w2, b2)]
+            grad_mean, gw1, gb1, gw2, gb2 = torch.autograd.grad(_cse_gate(*leaves), leaves, grad_gc)
+        gs2 = gs.view(b_, n)
+        grad_z = grad_gs * gs2 * (1.0 - gs2)  # through the sSE sigmoid
+        # pass 2, on the whole map (two in-place passes; chunking them only added per-op overhead): the sSE
+        # convolution's input gradient w[c] * dz[b, n], and the channel means' gradient, dmean[b, c] / N at every
+        # position of the channel
+        gx3.addcmul_(ws.reshape(1, c_, 1), grad_z.view(b_, 1, n)).add_((grad_mean / max(n, 1)).view(b_, c_, 1))
+        grad_ws = torch.zeros(c_, dtype=x.dtype, device=x.device)
+        for b in range(b_):
+            grad_ws.addmv_(x3[b], grad_z[b])
+        return grad_x, gw1, gb1, gw2, gb2, grad_ws.view(ws.shape), grad_z.sum().view(1), None
+
+
+def _cse_gate(mean: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
+    """``sigmoid(W2 relu(W1 mean + b1) + b2)``: :class:`ChannelSELayer`'s ``fc`` written with its weights."""
+    return torch.sigmoid(torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(mean, w1, b1)), w2, b2))
 
 
 @torch.jit.unused
-def _max_out_with_chunked_backward(
-    x: torch.Tensor, gc: torch.Tensor, gs: torch.Tensor, chunk_elements: int
+def _fused_scse_max_out(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    ws: torch.Tensor,
+    bs: torch.Tensor,
+    chunk_elements: int,
 ) -> torch.Tensor:
-    """Training path of max-out aggregation on CPU (eager only; TorchScript uses the autograd formula)."""
-    return _ChunkedMaxOut.apply(x, gc, gs, chunk_elements)
+    """Max-out scSE on CPU with autograd enabled (eager only; TorchScript takes the autograd formula)."""
+    return _FusedScSEMaxOut.apply(x, w1, b1, w2, b2, ws, bs, chunk_elements)
 
 
 def get_se_layer(name: str | None, spatial_dims: int, in_channels: int, **kwargs) -> nn.Module:

@@ -293,19 +293,40 @@ def test_max_training_gradients_match_the_definition(spatial_dims):
 
 
 @pytest.mark.parametrize("spatial_dims", DIMS)
-def test_chunked_training_path_gradcheck_and_definition(spatial_dims):
-    # the CPU training path of large maps (forward and backward chunk by chunk), forced onto a small map with
-    # small chunks: several chunks per channel and several channels per chunk
+def test_fused_training_path_gradcheck_and_definition(spatial_dims):
+    # the CPU training path of large maps (the whole block as one autograd node, chunk by chunk), forced onto a
+    # small map with small chunks: several chunks per channel and several channels per chunk
     torch.manual_seed(0)
     block = ChannelSpatialSELayer(spatial_dims, 4, reduction_ratio=2, aggregation="max").double()
     block.chunked_min_elements, block.chunk_elements = 0, 5
     x = rand(spatial_dims, b=2, c=4, size=3, dtype=torch.float64).requires_grad_(True)
+    assert type(block(x).grad_fn).__name__.startswith("_FusedScSEMaxOut")  # the path under test is taken
     with torch.no_grad():
         assert (block.cse(x) - block.sse(x)).abs().min() > 1e-5  # no ties: max is differentiable everywhere
-    assert torch.autograd.gradcheck(lambda t: block(t), (x,), eps=1e-6, atol=1e-5)
+    names = [n for n, _ in block.named_parameters()]
+
+    def f(t, *ps):
+        return torch.func.functional_call(block, dict(zip(names, ps, strict=True)), (t,))
+
+    params = tuple(p.detach().clone().requires_grad_(True) for p in block.parameters())
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
     weights = (x, *block.parameters())
     got = torch.autograd.grad(block(x).square().sum(), weights)
     expected = torch.autograd.grad(torch.maximum(block.cse(x), block.sse(x)).square().sum(), weights)
     for g, e in zip(got, expected, strict=True):
         assert torch.allclose(g, e, atol=1e-8)
-    assert type(block(x).grad_fn).__name__.startswith("_ChunkedMaxOut")  # the path under test was taken
+
+
+def test_fused_training_path_only_needs_what_is_asked():
+    # frozen SE weights (fine-tuning elsewhere) and a frozen input: gradients flow only where they are asked for
+    torch.manual_seed(0)
+    block = ChannelSpatialSELayer(2, 4, aggregation="max")
+    block.chunked_min_elements, block.chunk_elements = 0, 7
+    x = rand(2, b=2, c=4, size=6)
+    block.requires_grad_(False)
+    out = block(x)
+    assert out.grad_fn is None and torch.allclose(out, torch.maximum(block.cse(x), block.sse(x)))
+    block.sse.requires_grad_(True)
+    (gw,) = torch.autograd.grad(block(x).sum(), block.sse.conv.weight)
+    (ew,) = torch.autograd.grad(torch.maximum(block.cse(x), block.sse(x)).sum(), block.sse.conv.weight)
+    assert torch.allclose(gw, ew, atol=1e-5)
