@@ -6,19 +6,39 @@ training step (forward, cross-entropy loss, backward, SGD step). All variants sh
 the common layers; repetitions are interleaved and medians compared. Targets (issue 6): scSE-UNet / UNet
 time <= 1.03 in inference and <= 1.04 in training.
 
+On CPU with glibc's default malloc, much of a training step's time goes to paging in fresh memory: large
+freed blocks are returned to the kernel and the next allocation of that size faults every page in again. How
+much depends on the allocator's state, which changes from run to run, and SE blocks add two full-size tensors
+per block (their output and their input's gradient). So the comparison is made twice: in this process
+(default allocator), and in a child process with glibc settings that keep freed memory for reuse
+(:data:`KEEP_MEMORY_ENV`; the effect PyTorch's CPU performance guide gets from jemalloc or tcmalloc). The
+second isolates the SE blocks' own cost. Rows carry an ``allocator`` column.
+
 Run: ``python -m benchmarks.run --only networks [--quick]``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import compare_times
+from scse_monai.blocks import ChannelSpatialSELayer
 from scse_monai.networks import SEUNet
 
 TARGETS = {"inference": 1.03, "training": 1.04}
 VARIANTS = (None, "cse", "sse", "scse")
+#: glibc malloc tunables: serve blocks up to 32 MiB from the heap (not fresh mmaps) and never trim the heap, so
+#: freed memory is reused without page faults
+KEEP_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+DEFAULT_ALLOCATOR = "default"
+KEEP_MEMORY_ALLOCATOR = "glibc, freed memory kept"
 
 
 def _net(se: str | None, features: int, base_state: dict | None) -> SEUNet:
@@ -29,15 +49,84 @@ def _net(se: str | None, features: int, base_state: dict | None) -> SEUNet:
 
 
 def run(quick: bool = False) -> dict:
-    """Times SEUNet for every SE variant; returns rows with medians and ratios against ``se=None``.
+    """Times SEUNet for every SE variant, with the default allocator and with freed memory kept.
 
     Args:
         quick: features 16 on 2 x 1 x 64 x 64 and fewer repetitions (a smoke run, not the paper's setting).
+
+    Returns:
+        ``measure()``'s result for the default allocator; the child process's rows are appended and its ratios
+        added under keys ending in ``_kept_memory``. Where the child cannot run (not Linux/glibc), only the first.
     """
-    # a full run must stay within a few minutes on 2 cores: 7 interleaved repetitions for inference, 5 for the
-    # (about 3x slower) training step, one warm-up each
+    result = measure(quick)
+    if sys.platform.startswith("linux") and not all(os.environ.get(k) == v for k, v in KEEP_MEMORY_ENV.items()):
+        code = (
+            "import json, torch; from benchmarks.bench_networks import measure; "
+            f"torch.set_num_threads({torch.get_num_threads()}); "
+            f"print('RESULT ' + json.dumps(measure({quick!r}, allocator={KEEP_MEMORY_ALLOCATOR!r})))"
+        )
+        child = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, **KEEP_MEMORY_ENV},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        print(child.stdout.rsplit("RESULT ", 1)[0], end="")
+        kept = json.loads(child.stdout.rsplit("RESULT ", 1)[1])
+        result["rows"] += kept["rows"]
+        for key, value in kept.items():
+            if key.startswith(("scse_ratio_", "scse_cpu_ratio_", "target_met_", "scse_blocks_share_")):
+                result[f"{key}_kept_memory"] = value
+    return result
+
+
+def _scse_blocks_alone(net: torch.nn.Module, x: torch.Tensor, training: bool):
+    """A callable running every scSE block of ``net`` once, alone, on a random input of the shape it sees in ``net``.
+
+    Forward only (no grad) for inference; forward and backward (input and weight gradients) for training. Its time
+    over the plain network's is the SE blocks' own share of a step, free of the noise of timing two whole
+    networks against each other (the allocator and cache effects that come and go between runs).
+    """
+    shapes: list[tuple[torch.nn.Module, torch.Size]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: shapes.append((mod, args[0].shape)))
+        for m in net.modules()
+        if isinstance(m, ChannelSpatialSELayer)
+    ]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    g = torch.Generator().manual_seed(1)
+    work = [(m, torch.randn(s, generator=g).relu_(), torch.randn(s, generator=g)) for m, s in shapes]
+
+    def run_blocks() -> None:
+        for m, inp, grad in work:
+            if training:
+                inp.requires_grad_(True)
+                m(inp).backward(grad)
+                inp.grad = None
+                m.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():
+                    m(inp)
+
+    return run_blocks
+
+
+def measure(quick: bool = False, allocator: str = DEFAULT_ALLOCATOR) -> dict:
+    """Times SEUNet for every SE variant in this process; returns rows with medians and ratios vs ``se=None``.
+
+    Args:
+        quick: see :func:`run`.
+        allocator: label of the allocator setting this process runs with (the rows' ``allocator`` column).
+    """
+    # a full run must stay within a few minutes on 2 cores: 9 interleaved repetitions for inference, 9 for the
+    # (about 3x slower, and noisier) training step, one warm-up each
     features, shape = (16, (2, 1, 64, 64)) if quick else (64, (4, 1, 128, 128))
-    repeats = {"inference": 3, "training": 2} if quick else {"inference": 7, "training": 5}
+    repeats = {"inference": 3, "training": 2} if quick else {"inference": 9, "training": 9}
     torch.manual_seed(0)
     base = _net(None, features, None)
     nets = {str(se).lower(): _net(se, features, base.state_dict()) for se in VARIANTS}
@@ -73,12 +162,14 @@ def run(quick: bool = False) -> dict:
                     opt.step()
 
                 cands[name] = step
+        cands["scse_blocks_alone"] = _scse_blocks_alone(nets["scse"], x, training=mode == "training")
         times = compare_times(cands, repeats=repeats[mode])
         base_s, base_cpu = times["none"]["median_s"], times["none"]["cpu_median_s"]
         for name in nets:
             med, cpu = times[name]["median_s"], times[name]["cpu_median_s"]
             rows.append(
                 {
+                    "allocator": allocator,
                     "mode": mode,
                     "se": name,
                     "median_ms": round(med * 1e3, 1),
@@ -88,13 +179,16 @@ def run(quick: bool = False) -> dict:
                 }
             )
             print(
-                f"  networks {mode:9s} se={name:5s} median {med * 1e3:9.1f} ms  ratio {med / base_s:5.3f}  "
-                f"(CPU time ratio {cpu / base_cpu:5.3f})"
+                f"  networks [{allocator}] {mode:9s} se={name:5s} median {med * 1e3:9.1f} ms  "
+                f"ratio {med / base_s:5.3f}  (CPU time ratio {cpu / base_cpu:5.3f})"
             )
         ratio = times["scse"]["median_s"] / base_s
         result[f"scse_ratio_{mode}"] = round(ratio, 4)
         result[f"scse_cpu_ratio_{mode}"] = round(times["scse"]["cpu_median_s"] / base_cpu, 4)
         result[f"target_{mode}"] = TARGETS[mode]
         result[f"target_met_{mode}"] = ratio <= TARGETS[mode]
+        share = times["scse_blocks_alone"]["median_s"] / base_s
+        result[f"scse_blocks_share_{mode}"] = round(share, 4)
+        print(f"  networks [{allocator}] {mode:9s} the scSE blocks alone take {share:.1%} of a plain U-Net {mode} step")
     result["rows"] = rows
     return result
