@@ -181,8 +181,9 @@ class ChannelSpatialSELayer(nn.Module):
         if not isinstance(aggregation, str) or aggregation.lower() not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
         self.aggregation: str = aggregation.lower()
-        # inference on CPU: maps of at least chunked_min_elements are aggregated chunk by chunk (instance
-        # attributes, not globals, so that TorchScript sees them)
+        # on CPU, maps of at least chunked_min_elements are aggregated chunk by chunk at inference, and with
+        # max-out the whole block runs as one autograd node in training (eager mode); instance attributes, not
+        # globals, so that TorchScript sees them
         self.chunked_min_elements: int = CHUNKED_MIN_ELEMENTS
         self.chunk_elements: int = CHUNK_ELEMENTS
         self.cse = ChannelSELayer(spatial_dims, in_channels, reduction_ratio)
@@ -312,6 +313,7 @@ class _FusedScSEMaxOut(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x, w1, b1, w2, b2, ws, bs, chunk_elements: int):
         b_, c_ = x.shape[0], x.shape[1]
         n = x[0, 0].numel() if b_ * c_ else 0
@@ -325,6 +327,7 @@ class _FusedScSEMaxOut(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @torch.amp.custom_bwd(device_type="cpu")  # the gate recomputation below runs under the forward's autocast state
     def backward(ctx, grad: torch.Tensor):
         x, mean, gc, gs, w1, b1, w2, b2, ws = ctx.saved_tensors
         grad = grad.contiguous()
@@ -334,8 +337,10 @@ class _FusedScSEMaxOut(torch.autograd.Function):
         gc3, gs3 = gc.view(b_, c_, 1), gs.view(b_, 1, n)
         grad_x = torch.empty_like(x)
         gx3 = grad_x.view(b_, c_, n)
-        grad_gc = torch.zeros(b_, c_, dtype=x.dtype, device=x.device)
-        grad_gs = torch.zeros(b_, n, dtype=x.dtype, device=x.device)
+        # the gates' gradients are sums over many elements: accumulated in at least float32 (bfloat16 / half maps)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        grad_gc = torch.zeros(b_, c_, dtype=acc, device=x.device)
+        grad_gs = torch.zeros(b_, n, dtype=acc, device=x.device)
         spans = _chunk_spans(b_, c_, n, ctx.chunk_elements)
         # two chunk-sized work buffers for the whole pass: one allocation each instead of several per chunk
         work = torch.empty([2, min(ctx.chunk_elements, max(c_ * n, 1))], dtype=x.dtype, device=x.device)
@@ -356,16 +361,19 @@ class _FusedScSEMaxOut(torch.autograd.Function):
         # the small gate networks: autograd on (B, C) and (B, N) tensors
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (mean, w1, b1, w2, b2)]
-            grad_mean, gw1, gb1, gw2, gb2 = torch.autograd.grad(_cse_gate(*leaves), leaves, grad_gc)
-        gs2 = gs.view(b_, n)
+            gate = _cse_gate(*leaves)
+            grad_mean, gw1, gb1, gw2, gb2 = torch.autograd.grad(gate, leaves, grad_gc.to(gate.dtype))
+        gs2 = gs.view(b_, n).to(acc)
         grad_z = grad_gs * gs2 * (1.0 - gs2)  # through the sSE sigmoid
         # pass 2, on the whole map (two in-place passes; chunking them only added per-op overhead): the sSE
         # convolution's input gradient w[c] * dz[b, n], and the channel means' gradient, dmean[b, c] / N at every
         # position of the channel
-        gx3.addcmul_(ws.reshape(1, c_, 1), grad_z.view(b_, 1, n)).add_((grad_mean / max(n, 1)).view(b_, c_, 1))
-        grad_ws = torch.zeros(c_, dtype=x.dtype, device=x.device)
+        gz = grad_z.to(x.dtype)
+        gx3.addcmul_(ws.reshape(1, c_, 1).to(x.dtype), gz.view(b_, 1, n))
+        gx3.add_((grad_mean / max(n, 1)).to(x.dtype).view(b_, c_, 1))
+        grad_ws = torch.zeros(c_, dtype=acc, device=x.device)
         for b in range(b_):
-            grad_ws.addmv_(x3[b], grad_z[b])
+            grad_ws.addmv_(x3[b].to(acc) if x.dtype != acc else x3[b], grad_z[b])
         return grad_x, gw1, gb1, gw2, gb2, grad_ws.view(ws.shape), grad_z.sum().view(1), None
 
 

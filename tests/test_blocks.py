@@ -330,3 +330,26 @@ def test_fused_training_path_only_needs_what_is_asked():
     (gw,) = torch.autograd.grad(block(x).sum(), block.sse.conv.weight)
     (ew,) = torch.autograd.grad(torch.maximum(block.cse(x), block.sse(x)).sum(), block.sse.conv.weight)
     assert torch.allclose(gw, ew, atol=1e-5)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_fused_training_path_under_cpu_autocast(input_dtype):
+    # mixed precision on CPU: the backward recomputes the channel gate under the forward's autocast state, and
+    # its gradients agree with the autograd path's to bfloat16 precision
+    torch.manual_seed(0)
+    fused = ChannelSpatialSELayer(2, 8, aggregation="max")
+    fused.chunked_min_elements, fused.chunk_elements = 0, 64
+    plain = ChannelSpatialSELayer(2, 8, aggregation="max")
+    plain.load_state_dict(fused.state_dict())
+    plain.chunked_min_elements = 1 << 40
+    x0, grad = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 16, 16)
+    results = []
+    for block in (fused, plain):
+        x = x0.to(input_dtype).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x)
+        out.float().backward(grad)
+        results.append((type(out.grad_fn).__name__, out.float(), x.grad.float(), block.sse.conv.weight.grad))
+    assert results[0][0].startswith("_FusedScSEMaxOut") and not results[1][0].startswith("_FusedScSEMaxOut")
+    for got, expected in zip(results[0][1:], results[1][1:], strict=True):
+        assert torch.allclose(got, expected, atol=0.02 * expected.abs().max().item())
