@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data_dir = out / "data"
     datalist = ensure_synthetic_dataset(data_dir, layout="chaos-mr", cases=args.cases, seed=0)
-    print(f"[demo] synthetic CHAOS-MR dataset: {datalist} ({time.perf_counter() - t0:.1f} s)")
+    print(f"[demo] synthetic CHAOS-MR dataset: {_shown(datalist)} ({time.perf_counter() - t0:.1f} s)")
 
     cfg = BUNDLE_DIR / "configs"
     synthetic = cfg / "datasets" / "synthetic.json"
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     # the report's recipe (Adam) learns fastest in a few epochs; see bundle/configs/recipes/
     _workflow([cfg / "train.json", synthetic, cfg / "recipes" / "report.json"], "train", epochs=args.epochs, **common)
-    print(f"[demo] trained {args.epochs} epochs in {time.perf_counter() - t1:.1f} s; curves in {out / 'eval'}")
+    print(f"[demo] trained {args.epochs} epochs in {time.perf_counter() - t1:.1f} s; curves in {_shown(out / 'eval')}")
     print("[demo] training loss and validation mean Dice per epoch:")
     _print_table(out / "eval" / "training_curves.csv", ["epoch", "loss", "val_mean_dice"])
 
@@ -103,8 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=str(out / "pred"),
         features=args.features,
     )
-    print(f"[demo] segmentations written to {out / 'pred'}; total {time.perf_counter() - t0:.1f} s")
+    print(f"[demo] segmentations written to {_shown(out / 'pred')}; total {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working folder when it lies inside it (shorter, and the same on every machine)."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return Path(path)
 
 
 if __name__ == "__main__":
