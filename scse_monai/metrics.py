@@ -33,6 +33,20 @@ import torch
 __all__ = ["SegmentationMetrics", "case_name_from_meta", "dice_jaccard_from_counts"]
 
 
+#: float32 holds every integer up to 2**24 exactly, so a float32 sum of that many 0/1 values is exact whatever the
+#: order of summation; longer rows are summed in slices of this length
+_EXACT_FLOAT32_COUNT = 1 << 24
+
+
+def _count_ones(indicator: torch.Tensor) -> torch.Tensor:
+    """Exact int64 count of the ones in a 1-D float32 0/1 map."""
+    n = indicator.shape[0]
+    counts = [
+        indicator[i : i + _EXACT_FLOAT32_COUNT].sum().to(torch.int64) for i in range(0, max(n, 1), _EXACT_FLOAT32_COUNT)
+    ]
+    return counts[0] if len(counts) == 1 else torch.stack(counts).sum()
+
+
 def dice_jaccard_from_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dice and Jaccard from ``(..., 3)`` counts ``[intersection, prediction, target]``.
 
@@ -170,12 +184,40 @@ class SegmentationMetrics:
         cm = cm.view(b, c, c)  # [case, target class, predicted class]
         return torch.stack([cm.diagonal(dim1=1, dim2=2), cm.sum(1), cm.sum(2)], dim=-1)
 
-    def _mask(self, x: torch.Tensor, what: str) -> torch.Tensor:
+    def _class_rows(self, x: torch.Tensor, what: str) -> tuple[torch.Tensor, bool]:
+        """``(B, C or 1, N)`` view of a one-hot map or label map, and whether it is one-hot."""
         if x.shape[1] == self.num_classes:
-            return x.flatten(2) != 0
+            return x.flatten(2), True
         labels = self._label_map(x, what)
         self._check_range(labels)
-        return labels.unsqueeze(1) == torch.arange(self.num_classes, device=x.device).view(1, -1, 1)
+        return labels.unsqueeze(1), False
+
+    def _counts_per_class_row(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Counts when one input (or both) is one-hot: one case and class at a time, in two reused buffers.
+
+        Each row of each input becomes a float32 0/1 indicator (nonzero one-hot entry, or voxels of that label)
+        written into a buffer that every row reuses: whole-batch boolean or float maps were several times
+        slower on CPU (boolean sums are 15-30x slower than float ones, and fresh batch-sized maps are paged
+        in on every call).
+        """
+        p_rows, p_one_hot = self._class_rows(y_pred, "y_pred")
+        t_rows, t_one_hot = self._class_rows(y, "y")
+        n = p_rows.shape[2]
+        buffers = torch.empty(2, n, dtype=torch.float32, device=y_pred.device)
+
+        def indicator(rows: torch.Tensor, one_hot: bool, b: int, k: int, out: torch.Tensor) -> torch.Tensor:
+            return torch.ne(rows[b, k], 0, out=out) if one_hot else torch.eq(rows[b, 0], k, out=out)
+
+        cases = []
+        for b in range(p_rows.shape[0]):
+            per_class = []
+            for k in range(self.num_classes):
+                ip = indicator(p_rows, p_one_hot, b, k, buffers[0])
+                it = indicator(t_rows, t_one_hot, b, k, buffers[1])
+                predicted, target = _count_ones(ip), _count_ones(it)
+                per_class.append(torch.stack([_count_ones(ip.mul_(it)), predicted, target]))
+            cases.append(torch.stack(per_class))
+        return torch.stack(cases)
 
     def _counts(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if y_pred.ndim < 3 or y.ndim != y_pred.ndim:
@@ -194,8 +236,7 @@ class SegmentationMetrics:
         c = self.num_classes
         if y_pred.shape[1] != c and y.shape[1] != c:
             return self._counts_from_labels(self._label_map(y_pred, "y_pred"), self._label_map(y, "y"))
-        p, t = self._mask(y_pred, "y_pred"), self._mask(y, "y")
-        return torch.stack([(p & t).sum(2), p.sum(2), t.sum(2)], dim=-1)
+        return self._counts_per_class_row(y_pred, y)
 
     def update(
         self,

@@ -97,6 +97,28 @@ def test_label_map_and_one_hot_are_equivalent():
         assert torch.equal(r, results[0])
 
 
+def test_one_hot_counts_nonzero_entries_exactly_in_slices(monkeypatch):
+    # one-hot input: any nonzero entry (probabilities, negative values) is inside. The float32 counts are summed in
+    # slices short enough to be exact; forcing 7-voxel slices must give the same integers as numpy
+    from scse_monai import metrics
+
+    g = torch.Generator().manual_seed(5)
+    shape = (2, C, 9, 7, 3)
+    p = torch.rand(shape, generator=g) * (torch.rand(shape, generator=g) < 0.4)  # soft values and exact zeros
+    p[0, 1, 0, 0, 0] = -0.5
+    y = one_hot(torch.randint(0, C, (2, 1, 9, 7, 3), generator=g), C)
+    expected = np.zeros((2, C, 3), dtype=np.int64)
+    pn, yn = p.flatten(2).numpy() != 0, y.flatten(2).numpy() != 0
+    expected[..., 0], expected[..., 1], expected[..., 2] = (pn & yn).sum(2), pn.sum(2), yn.sum(2)
+    for slice_length in (1 << 24, 7):
+        monkeypatch.setattr(metrics, "_EXACT_FLOAT32_COUNT", slice_length)
+        m = SegmentationMetrics(C, include_background=True)
+        m.update(p, y)
+        counts = m.compute()["counts"]
+        assert counts.dtype == torch.int64
+        np.testing.assert_array_equal(counts.numpy(), expected)
+
+
 def test_absent_classes_give_nan_per_case():
     # case 0: class 2 absent from prediction and target; class 3 predicted but absent from target
     y = torch.tensor([[[[0, 1, 1, 0]]], [[[2, 2, 1, 0]]]])
