@@ -35,8 +35,9 @@ SE_LAYER_NAMES: tuple[str, ...] = ("none", "cse", "sse", "scse")
 _SPATIAL_DIMS = (1, 2, 3)
 
 
-#: Inference maps of at least this many elements (4 MiB of float32) are aggregated chunk by chunk; smaller ones
-#: stay in cache anyway, and there the per-chunk Python overhead made the chunked path slower than plain ops.
+#: Maps of at least this many elements (4 MiB of float32) are aggregated chunk by chunk on CPU (inference, and
+#: max-out training through ``_FusedScSEMaxOut``); smaller ones stay in cache anyway, and there the per-chunk
+#: Python overhead made the chunked path slower than plain ops.
 CHUNKED_MIN_ELEMENTS = 1 << 20
 #: Elements per chunk (2 MiB of float32): above torch's parallel grain size, so every op of a chunk still uses all
 #: intra-op threads (with chunks at the grain size each op ran on one thread, and 2 threads did the naive form
@@ -137,12 +138,9 @@ class SpatialSELayer(nn.Module):
         """Returns the spatial gates, shape ``(B, 1, *spatial)``, broadcastable against ``x``."""
         bias = self.conv.bias
         if x.is_contiguous() and bias is not None:
-            # the 1x1 convolution C -> 1 as one batched matrix product; on CPU about twice as fast as the
-            # convolution kernel for this shape, identical math
             b, c = x.shape[0], x.shape[1]
-            w = self.conv.weight.reshape(1, 1, c).expand(b, 1, c)
-            y = torch.baddbmm(bias.reshape(1, 1, 1), w, x.reshape(b, c, -1))
-            return torch.sigmoid(y).reshape([b, 1] + list(x.shape[2:]))
+            y = _sse_gate_flat(x.reshape(b, c, -1), self.conv.weight, bias)
+            return y.reshape([b, 1] + list(x.shape[2:]))
         return torch.sigmoid(self.conv(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,10 +196,7 @@ class ChannelSpatialSELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunked = x.device.type == "cpu" and x.is_contiguous() and x.numel() >= self.chunked_min_elements
         if self.aggregation == "max" and chunked and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            fc1, fc2, conv = self.cse.fc[0], self.cse.fc[2], self.sse.conv
-            return _fused_scse_max_out(
-                x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv.weight, conv.bias, self.chunk_elements
-            )
+            return self._fused_max_out(x)
         gc = self.cse.gate(x)  # (B, C, 1, ...)
         gs = self.sse.gate(x)  # (B, 1, *spatial)
         if self.aggregation == "concat":
@@ -229,6 +224,24 @@ class ChannelSpatialSELayer(nn.Module):
         # after a ReLU) the gradient w.r.t. x goes to the sSE branch instead of half to each: another subgradient.
         return torch.addcmul(torch.relu(x * (gc - gs)), x, gs)
 
+    @torch.jit.unused
+    def _fused_max_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Max-out on CPU with autograd enabled (eager only; TorchScript takes the autograd formula above)."""
+        conv = self.sse.conv
+        return _FusedScSEMaxOut.apply(
+            x, self.cse.fc, conv.weight, conv.bias, self.chunk_elements, *self.cse.fc.parameters()
+        )
+
+
+def _sse_gate_flat(x3: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """sSE gates ``sigmoid(w . x[:, :, n] + b)`` of a ``(B, C, N)`` map, shape ``(B, 1, N)``.
+
+    The 1x1 convolution ``C -> 1`` as one batched matrix product: on CPU about twice as fast as the convolution
+    kernel for this shape, identical math.
+    """
+    b, c = x3.shape[0], x3.shape[1]
+    return torch.sigmoid(torch.baddbmm(bias.reshape(1, 1, 1), weight.reshape(1, 1, c).expand(b, 1, c), x3))
+
 
 def _aggregate_in_chunks(
     x: torch.Tensor, gc: torch.Tensor, gs: torch.Tensor, aggregation: str, chunk_elements: int = CHUNK_ELEMENTS
@@ -254,7 +267,7 @@ def _aggregate_in_chunks(
     out3 = out.view(b_, c_, n)
     gc3 = gc.reshape(b_, c_, 1)
     gs3 = gs.reshape(b_, 1, n)
-    tmp = torch.empty([chunk_elements if aggregation == "max" else 0], dtype=x.dtype, device=x.device)
+    tmp = torch.empty([min(chunk_elements, c_ * n) if aggregation == "max" else 0], dtype=x.dtype, device=x.device)
     for b, c0, cn, n0, nn_ in _chunk_spans(b_, c_, n, chunk_elements):
         xs = x3[b, c0 : c0 + cn, n0 : n0 + nn_]
         o = out3[b, c0 : c0 + cn, n0 : n0 + nn_]
@@ -299,37 +312,37 @@ class _FusedScSEMaxOut(torch.autograd.Function):
     convolution's input gradient (a fresh full-size map), the cSE mean's broadcast gradient, and the sums of the
     three. On CPU every fresh large allocation is also paged in (tens of thousands of page faults per training
     step of SE-UNet at features 64 were measured). Here the backward writes one full-size map, the input's
-    gradient, in two chunked passes:
+    gradient, in two passes:
 
-    1. per chunk: the max-out gradient ``grad * (gc if x*gc > x*gs else gs)`` and the partial sums of
+    1. chunk by chunk: the max-out gradient ``grad * (gc if x*gc > x*gs else gs)`` and the partial sums of
        ``grad * x`` that the two gates receive;
-    2. after the small gate networks' backward: the gates' own contributions to the input gradient,
-       ``w_sse[c] * dz[b, n] + dmean[b, c] / N``, added in place, and the sSE weight gradient.
+    2. after the small gate networks' backward, over the whole map: the gates' own contributions to the input
+       gradient, ``w_sse[c] * dz[b, n] + dmean[b, c] / N``, added in place, and the sSE weight gradient.
 
     Only ``x``, the channel means and the two gate tensors are saved (``x`` is kept by the preceding layer
     anyway). Ties (``x * gc == x * gs``) send the gradient to the sSE branch, as the autograd formula
-    ``x * gs + relu(x * (gc - gs))`` does. Inputs after ``x``: the cSE's two Linear layers (weight, bias) and the
-    sSE's 1x1 convolution (weight, bias), then the chunk size.
+    ``x * gs + relu(x * (gc - gs))`` does. Inputs after ``x``: the cSE's ``fc`` module, the sSE's 1x1 convolution
+    weight and bias, the chunk size, then the ``fc``'s parameters (inputs, so that autograd routes their gradients).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, x, w1, b1, w2, b2, ws, bs, chunk_elements: int):
+    def forward(ctx, x, cse_fc: nn.Module, ws, bs, chunk_elements: int, *cse_params):
         b_, c_ = x.shape[0], x.shape[1]
         n = x[0, 0].numel() if b_ * c_ else 0
         x3 = x.view(b_, c_, n)
         mean = x3.sum(2) / max(n, 1)
-        gc = _cse_gate(mean, w1, b1, w2, b2)  # (B, C)
-        gs = torch.sigmoid(torch.baddbmm(bs.view(1, 1, 1), ws.reshape(1, 1, c_).expand(b_, 1, c_), x3))  # (B, 1, N)
-        ctx.save_for_backward(x, mean, gc, gs, w1, b1, w2, b2, ws)
-        ctx.chunk_elements = chunk_elements
+        gc = cse_fc(mean)  # (B, C)
+        gs = _sse_gate_flat(x3, ws, bs)  # (B, 1, N)
+        ctx.save_for_backward(x, mean, gc, gs, ws)
+        ctx.cse_fc, ctx.chunk_elements = cse_fc, chunk_elements
         return _aggregate_in_chunks(x, gc, gs, "max", chunk_elements)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     @torch.amp.custom_bwd(device_type="cpu")  # the gate recomputation below runs under the forward's autocast state
     def backward(ctx, grad: torch.Tensor):
-        x, mean, gc, gs, w1, b1, w2, b2, ws = ctx.saved_tensors
+        x, mean, gc, gs, ws = ctx.saved_tensors
         grad = grad.contiguous()
         b_, c_ = x.shape[0], x.shape[1]
         n = x[0, 0].numel() if b_ * c_ else 0
@@ -358,11 +371,15 @@ class _FusedScSEMaxOut(torch.autograd.Function):
             to_cse = w.mul_(gx)
             grad_gc[b, c0 : c0 + cn] += to_cse.sum(1)
             grad_gs[b, n0 : n0 + nn_] += gx.sub_(to_cse).sum(0)
-        # the small gate networks: autograd on (B, C) and (B, N) tensors
+        # the cSE's small network: autograd on (B, C) tensors, through the layer's own fc
+        params = list(ctx.cse_fc.parameters())
+        trainable = [p for p in params if p.requires_grad]  # frozen weights get no gradient (None)
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(True) for t in (mean, w1, b1, w2, b2)]
-            gate = _cse_gate(*leaves)
-            grad_mean, gw1, gb1, gw2, gb2 = torch.autograd.grad(gate, leaves, grad_gc.to(gate.dtype))
+            mean_leaf = mean.detach().requires_grad_(True)
+            gate = ctx.cse_fc(mean_leaf)
+            grad_mean, *grads = torch.autograd.grad(gate, [mean_leaf, *trainable], grad_gc.to(gate.dtype))
+        found = dict(zip(map(id, trainable), grads, strict=True))
+        grad_params = [found.get(id(p)) for p in params]
         gs2 = gs.view(b_, n).to(acc)
         grad_z = grad_gs * gs2 * (1.0 - gs2)  # through the sSE sigmoid
         # pass 2, on the whole map (two in-place passes; chunking them only added per-op overhead): the sSE
@@ -374,27 +391,7 @@ class _FusedScSEMaxOut(torch.autograd.Function):
         grad_ws = torch.zeros(c_, dtype=acc, device=x.device)
         for b in range(b_):
             grad_ws.addmv_(x3[b].to(acc) if x.dtype != acc else x3[b], grad_z[b])
-        return grad_x, gw1, gb1, gw2, gb2, grad_ws.view(ws.shape), grad_z.sum().view(1), None
-
-
-def _cse_gate(mean: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
-    """``sigmoid(W2 relu(W1 mean + b1) + b2)``: :class:`ChannelSELayer`'s ``fc`` written with its weights."""
-    return torch.sigmoid(torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(mean, w1, b1)), w2, b2))
-
-
-@torch.jit.unused
-def _fused_scse_max_out(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    ws: torch.Tensor,
-    bs: torch.Tensor,
-    chunk_elements: int,
-) -> torch.Tensor:
-    """Max-out scSE on CPU with autograd enabled (eager only; TorchScript takes the autograd formula)."""
-    return _FusedScSEMaxOut.apply(x, w1, b1, w2, b2, ws, bs, chunk_elements)
+        return grad_x, None, grad_ws.view(ws.shape), grad_z.sum().view(1), None, *grad_params
 
 
 def get_se_layer(name: str | None, spatial_dims: int, in_channels: int, **kwargs) -> nn.Module:
