@@ -71,8 +71,9 @@ def run(quick: bool = False) -> dict:
             env={**os.environ, **KEEP_MEMORY_ENV},
             capture_output=True,
             text=True,
-            check=True,
         )
+        if child.returncode != 0 or "RESULT " not in child.stdout:
+            raise RuntimeError(f"the kept-memory measurement failed (exit {child.returncode}):\n{child.stderr[-3000:]}")
         print(child.stdout.rsplit("RESULT ", 1)[0], end="")
         kept = json.loads(child.stdout.rsplit("RESULT ", 1)[1])
         result["rows"] += kept["rows"]
