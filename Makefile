@@ -15,7 +15,7 @@ PREPARED ?= prepared
 
 .PHONY: setup test demo bench lint clean prepare-samples
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.kernels
 
 $(VENV)/.installed: pyproject.toml mk/pip-install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ $(VENV)/.installed: pyproject.toml mk/pip-install
 	$(PIP_INSTALL) $(BIN)/python -q $(TORCH)
 	$(PIP_INSTALL) $(BIN)/python -q -e ".[dev]"
 	touch $@
+
+# The optional compiled CPU kernels of the scSE block (scse_monai/cpu_kernels.py), cached per source and torch
+# version. Without a C++ compiler the blocks use their PyTorch path: a failed build is reported, not fatal.
+$(VENV)/.kernels: $(VENV)/.installed scse_monai/csrc/scse_cpu.cpp scse_monai/cpu_kernels.py
+	if $(BIN)/python -m scse_monai.cpu_kernels build; then touch $@; \
+	else echo "warning: scSE CPU kernels not built; the blocks use their PyTorch path"; fi
 
 -include mk/*.mk
 

@@ -21,6 +21,8 @@ import torch
 from monai.networks.layers.factories import Conv, LayerFactory
 from torch import nn
 
+from scse_monai import cpu_kernels
+
 __all__ = [
     "AGGREGATIONS",
     "SE_LAYER_NAMES",
@@ -43,6 +45,10 @@ CHUNKED_MIN_ELEMENTS = 1 << 20
 #: intra-op threads (with chunks at the grain size each op ran on one thread, and 2 threads did the naive form
 #: faster), and few enough chunks that the fork-joins per call stay in the tens. Measured on 2 cores, idle.
 CHUNK_ELEMENTS = 1 << 19
+#: Maps of at least this many elements use the compiled CPU kernels (max-out, when built); below, their fixed
+#: per-call cost (a few small ops more than the PyTorch path) was not paid back (measured on 2 cores: at
+#: 4 x 64 x 16 x 16 the kernels took 1.1-1.3x the PyTorch path's time, at 4 x 64 x 32 x 32 0.8x in training).
+KERNEL_MIN_ELEMENTS = 1 << 18
 
 
 def _check_spatial_dims(spatial_dims: int) -> None:
@@ -184,6 +190,9 @@ class ChannelSpatialSELayer(nn.Module):
         # globals, so that TorchScript sees them
         self.chunked_min_elements: int = CHUNKED_MIN_ELEMENTS
         self.chunk_elements: int = CHUNK_ELEMENTS
+        # max-out on CPU uses the compiled kernels of scse_monai.cpu_kernels when they are built (eager mode)
+        self.use_cpu_kernels: bool = True
+        self.kernel_min_elements: int = KERNEL_MIN_ELEMENTS
         self.cse = ChannelSELayer(spatial_dims, in_channels, reduction_ratio)
         self.sse = SpatialSELayer(spatial_dims, in_channels)
         # Only "concat" has its own weights; an Identity keeps the module tree TorchScript-friendly.
@@ -194,6 +203,9 @@ class ChannelSpatialSELayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript does not compile this branch
+            if self.aggregation == "max" and self._kernels_apply(x):
+                return self._kernel_max_out(x)
         chunked = x.device.type == "cpu" and x.is_contiguous() and x.numel() >= self.chunked_min_elements
         if self.aggregation == "max" and chunked and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return self._fused_max_out(x)
@@ -223,6 +235,32 @@ class ChannelSpatialSELayer(nn.Module):
         # backward of the block 2.7x slower (4 x 64 x 128 x 128, 1 thread). Where x * gc == x * gs (x == 0, e.g.
         # after a ReLU) the gradient w.r.t. x goes to the sSE branch instead of half to each: another subgradient.
         return torch.addcmul(torch.relu(x * (gc - gs)), x, gs)
+
+    @torch.jit.unused
+    def _kernels_apply(self, x: torch.Tensor) -> bool:
+        # whether the compiled CPU kernels take this call: eager mode (not traced), a large enough contiguous
+        # float32/float64 CPU map with weights of its dtype, no CPU autocast, and the kernels built
+        conv = self.sse.conv
+        return (
+            self.use_cpu_kernels
+            and x.numel() >= self.kernel_min_elements
+            and x.device.type == "cpu"
+            and x.dtype in cpu_kernels.DTYPES
+            and x.dim() >= 3
+            and x.is_contiguous()
+            and conv.weight.dtype == x.dtype
+            and conv.bias is not None
+            and not torch.jit.is_tracing()
+            and not torch.is_autocast_enabled("cpu")
+            and cpu_kernels.available()
+        )
+
+    @torch.jit.unused
+    def _kernel_max_out(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.sse.conv
+        if not torch.is_grad_enabled():  # inference: no autograd node
+            return _kernel_max_out_forward(x, self.cse.fc, conv.weight, conv.bias)[0]
+        return _KernelScSEMaxOut.apply(x, self.cse.fc, conv.weight, conv.bias, *self.cse.fc.parameters())
 
     @torch.jit.unused
     def _fused_max_out(self, x: torch.Tensor) -> torch.Tensor:
@@ -371,15 +409,7 @@ class _FusedScSEMaxOut(torch.autograd.Function):
             to_cse = w.mul_(gx)
             grad_gc[b, c0 : c0 + cn] += to_cse.sum(1)
             grad_gs[b, n0 : n0 + nn_] += gx.sub_(to_cse).sum(0)
-        # the cSE's small network: autograd on (B, C) tensors, through the layer's own fc
-        params = list(ctx.cse_fc.parameters())
-        trainable = [p for p in params if p.requires_grad]  # frozen weights get no gradient (None)
-        with torch.enable_grad():
-            mean_leaf = mean.detach().requires_grad_(True)
-            gate = ctx.cse_fc(mean_leaf)
-            grad_mean, *grads = torch.autograd.grad(gate, [mean_leaf, *trainable], grad_gc.to(gate.dtype))
-        found = dict(zip(map(id, trainable), grads, strict=True))
-        grad_params = [found.get(id(p)) for p in params]
+        grad_mean, grad_params = _cse_fc_backward(ctx.cse_fc, mean, grad_gc)
         gs2 = gs.view(b_, n).to(acc)
         grad_z = grad_gs * gs2 * (1.0 - gs2)  # through the sSE sigmoid
         # pass 2, on the whole map (two in-place passes; chunking them only added per-op overhead): the sSE
@@ -392,6 +422,74 @@ class _FusedScSEMaxOut(torch.autograd.Function):
         for b in range(b_):
             grad_ws.addmv_(x3[b].to(acc) if x.dtype != acc else x3[b], grad_z[b])
         return grad_x, None, grad_ws.view(ws.shape), grad_z.sum().view(1), None, *grad_params
+
+
+def _cse_fc_backward(
+    cse_fc: nn.Module, mean: torch.Tensor, grad_gate: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Backward of the cSE's small network: gradients w.r.t. the channel means and the ``fc`` parameters.
+
+    Autograd on ``(B, C)`` tensors through the layer's own ``fc``, recomputed from the saved means. Frozen parameters
+    get ``None``.
+    """
+    params = list(cse_fc.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    with torch.enable_grad():
+        mean_leaf = mean.detach().requires_grad_(True)
+        gate = cse_fc(mean_leaf)
+        grad_mean, *grads = torch.autograd.grad(gate, [mean_leaf, *trainable], grad_gate.to(gate.dtype))
+    found = dict(zip(map(id, trainable), grads, strict=True))
+    return grad_mean, [found.get(id(p)) for p in params]
+
+
+def _kernel_max_out_forward(
+    x: torch.Tensor, cse_fc: nn.Module, ws: torch.Tensor, bs: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Max-out scSE on the compiled CPU kernels: returns the output, the channel means, both gates and the flat sSE
+    weight (``(B, C)``, ``(B, C)``, ``(B, N)``, ``(C,)``; what the backward needs)."""
+    ops = torch.ops.scse_monai
+    b_, c_ = x.shape[0], x.shape[1]
+    n = x[0, 0].numel() if b_ * c_ else 0
+    x3 = x.view(b_, c_, n)
+    w = ws.reshape(c_).contiguous()
+    sums, z = ops.stats(x3, w)  # one pass: channel sums (float64) and the sSE convolution
+    mean = (sums / max(n, 1)).to(x.dtype)
+    gc = cse_fc(mean).contiguous()  # (B, C)
+    gs = torch.sigmoid(z + bs)  # (B, N)
+    return ops.maxout_forward(x3, gc, gs).view_as(x), mean, gc, gs, w
+
+
+class _KernelScSEMaxOut(torch.autograd.Function):
+    """The scSE block with max-out as one autograd node on the compiled CPU kernels (:mod:`scse_monai.cpu_kernels`).
+
+    Forward: one pass for the channel sums and the sSE convolution (``stats``), the two small gate networks in
+    PyTorch, one pass for the max-out (``maxout_forward``). Backward: one kernel pass for the input gradient through
+    the chosen branches, the gate gradients and the sSE convolution's gradients (``maxout_backward``), the cSE's
+    small network by autograd, and one in-place pass adding the channel means' gradient. Saves ``x``, the means and
+    the gates. Ties go to the sSE branch, as in the PyTorch paths. Inputs after ``x``: the cSE's ``fc`` module, the
+    sSE's 1x1 convolution weight and bias, then the ``fc``'s parameters (inputs, so that autograd routes their
+    gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, x, cse_fc: nn.Module, ws, bs, *cse_params):
+        out, mean, gc, gs, w = _kernel_max_out_forward(x, cse_fc, ws, bs)
+        ctx.save_for_backward(x, mean, gc, gs, w)
+        ctx.cse_fc, ctx.ws_shape = cse_fc, ws.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, mean, gc, gs, w = ctx.saved_tensors
+        b_, c_ = x.shape[0], x.shape[1]
+        n = x[0, 0].numel() if b_ * c_ else 0
+        g3 = grad.contiguous().view(b_, c_, n)
+        grad_x, grad_gc, grad_z, grad_w = torch.ops.scse_monai.maxout_backward(x.view(b_, c_, n), g3, gc, gs, w)
+        grad_mean, grad_params = _cse_fc_backward(ctx.cse_fc, mean, grad_gc)
+        grad_x.view(b_, c_, n).add_((grad_mean / max(n, 1)).to(x.dtype).view(b_, c_, 1))
+        grad_bias = grad_z.sum(dtype=torch.float64).to(x.dtype).view(1)
+        return grad_x.view_as(x), None, grad_w.to(x.dtype).view(ctx.ws_shape), grad_bias, *grad_params
 
 
 def get_se_layer(name: str | None, spatial_dims: int, in_channels: int, **kwargs) -> nn.Module:

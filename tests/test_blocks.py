@@ -134,6 +134,7 @@ def test_inference_paths_match_the_definition(chunked):
     torch.manual_seed(0)
     for shape in [(2, 3, 70_001), (3, 40, 33, 31)]:
         block = ChannelSpatialSELayer(len(shape) - 2, shape[1], aggregation="max").eval()
+        block.use_cpu_kernels = False  # the PyTorch paths (the compiled kernels: tests/test_cpu_kernels.py)
         if chunked:
             block.chunked_min_elements, block.chunk_elements = 0, 4096
         else:
