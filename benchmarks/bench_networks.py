@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import compare_times
+from scse_monai import cpu_kernels
 from scse_monai.blocks import ChannelSpatialSELayer
 from scse_monai.networks import SEUNet
 
@@ -140,6 +141,7 @@ def measure(quick: bool = False, allocator: str = DEFAULT_ALLOCATOR) -> dict:
         "configuration": {"network": "SEUNet", "features": features, "kernel_size": 5, "input": list(shape)},
         "repetitions": repeats,
         "torch_threads": torch.get_num_threads(),
+        "cpu_kernels": cpu_kernels.available(),  # the scSE blocks run on the compiled kernels (scse_monai.cpu_kernels)
     }
     for mode in ("inference", "training"):
         cands = {}

@@ -12,7 +12,9 @@ same shape:
 
 MONAI ships only a channel SE block (``monai.networks.blocks.ChannelSELayer``); sSE and scSE are written
 here. The gates are computed first (they are small: ``(B, C, 1, ...)`` and ``(B, 1, *spatial)``), and the
-full-size feature map is touched as few times as possible.
+full-size feature map is touched as few times as possible. On CPU, scSE with max-out runs on compiled kernels
+when they are built (:mod:`scse_monai.cpu_kernels`; eager mode, float32/float64, maps of at least
+:data:`KERNEL_MIN_ELEMENTS` elements); everywhere else (GPU, TorchScript, other dtypes) on PyTorch ops.
 """
 
 from __future__ import annotations
@@ -165,6 +167,9 @@ class ChannelSpatialSELayer(nn.Module):
     - ``"concat"``: concatenation along channels, then a 1x1 convolution ``2C -> C`` (with bias).
 
     ``block(x)`` equals, e.g. for ``"max"``, ``torch.maximum(block.cse(x), block.sse(x))``.
+
+    With ``"max"`` on CPU the block uses the compiled kernels of :mod:`scse_monai.cpu_kernels` when they are built
+    (set ``use_cpu_kernels = False`` on an instance to keep it on PyTorch ops).
 
     Args:
         spatial_dims: number of spatial dimensions of the input (1, 2 or 3).
