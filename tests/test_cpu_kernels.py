@@ -123,6 +123,20 @@ def test_frozen_weights_and_input_get_no_gradient(kernels):
     assert torch.allclose(kernel.sse.conv.weight.grad, expected, atol=1e-9)
 
 
+def test_nan_propagates_as_in_the_pytorch_path(kernels):
+    # a NaN in the input or in the gates (diverged cSE weights) must reach the output, as with torch.maximum
+    kernel, plain = blocks(2, 4, dtype=torch.float32)
+    x = channel_shifted((2, 4, 40, 40), dtype=torch.float32)
+    x[1, 2, 3, 4] = float("nan")
+    with torch.no_grad():
+        got, expected = kernel(x), plain(x)
+        assert torch.equal(got.isnan(), expected.isnan()) and got.isnan().sum() >= 1
+        kernel.cse.fc[2].bias[1] = float("nan")
+        plain.cse.fc[2].bias[1] = float("nan")
+        got, expected = kernel(x), plain(x)
+    assert torch.equal(got.isnan(), expected.isnan()) and got[:, 1].isnan().all()
+
+
 @pytest.mark.parametrize(
     "case",
     ["bfloat16", "autocast", "non_contiguous", "small_map", "disabled", "torchscript"],

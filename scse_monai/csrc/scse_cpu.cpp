@@ -73,7 +73,7 @@ SCSE_INLINE void forward_block_impl(const T* __restrict__ x, const T* __restrict
     const T g = gc[c];
     for (int64_t i = 0; i < len; ++i) {
       const T a = xr[i] * g, s = xr[i] * gs[i];
-      o[i] = a > s ? a : s;
+      o[i] = (a > s || a != a) ? a : s;  // NaN in either propagates, as torch.maximum does
     }
   }
 }
