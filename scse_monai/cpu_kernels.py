@@ -101,6 +101,10 @@ def build(verbose: bool = False) -> Path:
 
         target.parent.mkdir(parents=True, exist_ok=True)
         name = target.stem
+        # torch looks for ninja on PATH: the one installed with this package sits next to this Python, which is
+        # not on PATH when the environment is not activated (e.g. `.venv/bin/python -m ...` from make)
+        path = os.environ.get("PATH", "")
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
         with tempfile.TemporaryDirectory(prefix=f"{name}.", dir=target.parent) as tmp:
             try:
                 # loads the library into this process too (its ops are registered once per process)
@@ -114,6 +118,8 @@ def build(verbose: bool = False) -> Path:
                 )
             except Exception as err:  # compiler errors come as RuntimeError / CalledProcessError with the log
                 raise RuntimeError(f"building the scSE CPU kernels from {SOURCE.name} failed: {err}") from err
+            finally:
+                os.environ["PATH"] = path
             os.replace(Path(tmp) / f"{name}.so", target)
         _loaded = True
         return target
