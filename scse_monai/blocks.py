@@ -243,8 +243,8 @@ class ChannelSpatialSELayer(nn.Module):
 
     @torch.jit.unused
     def _kernels_apply(self, x: torch.Tensor) -> bool:
-        # whether the compiled CPU kernels take this call: eager mode (not traced), a large enough contiguous
-        # float32/float64 CPU map with weights of its dtype, no CPU autocast, and the kernels built
+        # whether the compiled CPU kernels take this call: eager mode (not traced or compiled), a large enough
+        # contiguous float32/float64 CPU map with weights of its dtype, no CPU autocast, and the kernels built
         conv = self.sse.conv
         return (
             self.use_cpu_kernels
@@ -256,6 +256,7 @@ class ChannelSpatialSELayer(nn.Module):
             and conv.weight.dtype == x.dtype
             and conv.bias is not None
             and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()  # torch.compile / torch.export see PyTorch ops only
             and not torch.is_autocast_enabled("cpu")
             and cpu_kernels.available()
         )

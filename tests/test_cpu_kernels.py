@@ -162,6 +162,22 @@ def test_other_inputs_take_the_pytorch_path(kernels, case):
         assert torch.allclose(out, definition(plain, x), atol=1e-6)
 
 
+def test_torch_compile_sees_pytorch_ops_only(kernels, monkeypatch):
+    # dynamo cannot trace the kernels' autograd node (no fake implementations): compiled code takes the PyTorch path
+    kernel, plain = blocks(2, 8, dtype=torch.float32)
+    calls = []
+    original = ChannelSpatialSELayer._kernel_max_out
+    monkeypatch.setattr(ChannelSpatialSELayer, "_kernel_max_out", lambda self, x: calls.append(1) or original(self, x))
+    x = channel_shifted((2, 8, 40, 40), dtype=torch.float32)
+    kernel(x)
+    assert calls == [1]  # eager: the kernels
+    torch._dynamo.reset()
+    compiled = torch.compile(kernel, backend="eager", fullgraph=True)
+    out = compiled(x)
+    assert calls == [1]
+    assert torch.allclose(out, definition(plain, x), atol=1e-6)
+
+
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600
