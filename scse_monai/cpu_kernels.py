@@ -25,6 +25,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import shutil
@@ -61,6 +62,7 @@ def mode() -> str:
     return value
 
 
+@functools.lru_cache(maxsize=1)
 def _library_name() -> str:
     """One name per (source, compiler flags, torch version): a stale build is never loaded into another torch."""
     digest = hashlib.sha256(SOURCE.read_bytes())
@@ -138,6 +140,7 @@ def available() -> bool:
     if chosen == "off":
         return False
     if chosen == "auto" and not library_path().is_file():
+        _loaded = False  # asked once per process (every block call asks); build() in this process still loads them
         return False
     try:
         build()
