@@ -58,6 +58,12 @@ def _check_spatial_dims(spatial_dims: int) -> None:
         raise ValueError(f"spatial_dims must be one of {_SPATIAL_DIMS}, got {spatial_dims!r}.")
 
 
+def _check_inplace(inplace: bool) -> bool:
+    if not isinstance(inplace, bool):
+        raise ValueError(f"inplace must be True or False, got {inplace!r}.")
+    return inplace
+
+
 def _check_in_channels(in_channels: int) -> None:
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}.")
@@ -74,6 +80,9 @@ class ChannelSELayer(nn.Module):
         spatial_dims: number of spatial dimensions of the input (1, 2 or 3).
         in_channels: number of channels ``C`` of the input.
         reduction_ratio: ``r``; the hidden layer has ``C // r`` units, at least 1.
+        inplace: with autograd off (``torch.no_grad``, ``torch.inference_mode``), write the result over the input
+            instead of a new tensor, as ``nn.ReLU(inplace=True)`` does; for inputs nothing else reads afterwards
+            (the SE networks set it). With autograd on, the result is always a new tensor.
 
     Example::
 
@@ -82,9 +91,10 @@ class ChannelSELayer(nn.Module):
         torch.Size([4, 64, 32, 32])
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, reduction_ratio: int = 2) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, reduction_ratio: int = 2, inplace: bool = False) -> None:
         super().__init__()
         _check_spatial_dims(spatial_dims)
+        self.inplace: bool = _check_inplace(inplace)
         _check_in_channels(in_channels)
         if isinstance(reduction_ratio, bool) or not isinstance(reduction_ratio, int) or reduction_ratio < 1:
             raise ValueError(f"reduction_ratio must be a positive integer, got {reduction_ratio!r}.")
@@ -116,6 +126,8 @@ class ChannelSELayer(nn.Module):
         return y.view([b, c] + [1] * self.spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace and not torch.is_grad_enabled():
+            return x.mul_(self.gate(x))
         return x * self.gate(x)
 
 
@@ -128,6 +140,7 @@ class SpatialSELayer(nn.Module):
     Args:
         spatial_dims: number of spatial dimensions of the input (1, 2 or 3).
         in_channels: number of channels ``C`` of the input.
+        inplace: with autograd off, write the result over the input (see :class:`ChannelSELayer`).
 
     Example::
 
@@ -136,10 +149,11 @@ class SpatialSELayer(nn.Module):
         torch.Size([2, 16, 8, 8, 8])
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, inplace: bool = False) -> None:
         super().__init__()
         _check_spatial_dims(spatial_dims)
         _check_in_channels(in_channels)
+        self.inplace: bool = _check_inplace(inplace)
         self.conv = Conv[Conv.CONV, spatial_dims](in_channels, 1, kernel_size=1, bias=True)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +166,8 @@ class SpatialSELayer(nn.Module):
         return torch.sigmoid(self.conv(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace and not torch.is_grad_enabled():
+            return x.mul_(self.gate(x))
         return x * self.gate(x)
 
 
@@ -176,6 +192,8 @@ class ChannelSpatialSELayer(nn.Module):
         in_channels: number of channels ``C`` of the input.
         reduction_ratio: reduction ratio ``r`` of the channel SE's hidden layer.
         aggregation: one of ``"max"``, ``"add"``, ``"mul"``, ``"concat"``.
+        inplace: with autograd off, write the result over the input (see :class:`ChannelSELayer`); not with
+            ``"concat"``, whose result is a convolution's output. Its :attr:`cse` and :attr:`sse` stay out of place.
 
     Example::
 
@@ -185,11 +203,20 @@ class ChannelSpatialSELayer(nn.Module):
         True
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, reduction_ratio: int = 2, aggregation: str = "max") -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        reduction_ratio: int = 2,
+        aggregation: str = "max",
+        inplace: bool = False,
+    ) -> None:
         super().__init__()
         if not isinstance(aggregation, str) or aggregation.lower() not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
         self.aggregation: str = aggregation.lower()
+        # the concat aggregation's result comes from its 1x1 convolution: there is nothing to write over x
+        self.inplace: bool = _check_inplace(inplace) and self.aggregation != "concat"
         # on CPU, maps of at least chunked_min_elements are aggregated chunk by chunk at inference, and with
         # max-out the whole block runs as one autograd node in training (eager mode); instance attributes, not
         # globals, so that TorchScript sees them
@@ -218,6 +245,16 @@ class ChannelSpatialSELayer(nn.Module):
         gs = self.sse.gate(x)  # (B, 1, *spatial)
         if self.aggregation == "concat":
             return self.fuse(torch.cat([x * gc, x * gs], dim=1))
+        if self.inplace and not torch.is_grad_enabled():
+            # over x: the gates are computed, x is read once more and written once, no full-size allocation
+            if chunked:
+                return _aggregate_in_chunks(x, gc, gs, self.aggregation, self.chunk_elements, out=x)
+            if self.aggregation == "mul":
+                return x.mul_(x).mul_(gc).mul_(gs)
+            xs = x * gs  # the one full-size temporary
+            if self.aggregation == "add":
+                return x.mul_(gc).add_(xs)
+            return torch.maximum(x.mul_(gc), xs, out=x)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or gc.requires_grad or gs.requires_grad)
         if not needs_grad:
             if chunked:
@@ -265,7 +302,7 @@ class ChannelSpatialSELayer(nn.Module):
     def _kernel_max_out(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.sse.conv
         if not torch.is_grad_enabled():  # inference: no autograd node
-            return _kernel_max_out_forward(x, self.cse.fc, conv.weight, conv.bias)[0]
+            return _kernel_max_out_forward(x, self.cse.fc, conv.weight, conv.bias, inplace=self.inplace)[0]
         return _KernelScSEMaxOut.apply(x, self.cse.fc, conv.weight, conv.bias, *self.cse.fc.parameters())
 
     @torch.jit.unused
@@ -288,7 +325,12 @@ def _sse_gate_flat(x3: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
 
 
 def _aggregate_in_chunks(
-    x: torch.Tensor, gc: torch.Tensor, gs: torch.Tensor, aggregation: str, chunk_elements: int = CHUNK_ELEMENTS
+    x: torch.Tensor,
+    gc: torch.Tensor,
+    gs: torch.Tensor,
+    aggregation: str,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inference-only scSE aggregation ("max", "add" or "mul") written into one output, chunk by chunk.
 
@@ -298,20 +340,22 @@ def _aggregate_in_chunks(
     ``x`` must be contiguous, ``gc`` of shape ``(B, C, 1, ...)``, ``gs`` of shape ``(B, 1, *spatial)``.
 
     ``chunk_elements``: elements per chunk (default :data:`CHUNK_ELEMENTS`); a chunk and its one temporary stay
-    in cache between the 2-3 passes over it.
+    in cache between the 2-3 passes over it. ``out``: where to write (a new tensor if ``None``); may be ``x``
+    itself, each chunk is read before it is written.
     """
     b_, c_ = x.shape[0], x.shape[1]
     n = 1
     for s in x.shape[2:]:
         n = n * s
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
     if n == 0 or b_ * c_ == 0:
         return out
     x3 = x.reshape(b_, c_, n)
     out3 = out.view(b_, c_, n)
     gc3 = gc.reshape(b_, c_, 1)
     gs3 = gs.reshape(b_, 1, n)
-    tmp = torch.empty([min(chunk_elements, c_ * n) if aggregation == "max" else 0], dtype=x.dtype, device=x.device)
+    tmp = torch.empty([min(chunk_elements, c_ * n) if aggregation != "mul" else 0], dtype=x.dtype, device=x.device)
     for b, c0, cn, n0, nn_ in _chunk_spans(b_, c_, n, chunk_elements):
         xs = x3[b, c0 : c0 + cn, n0 : n0 + nn_]
         o = out3[b, c0 : c0 + cn, n0 : n0 + nn_]
@@ -319,12 +363,13 @@ def _aggregate_in_chunks(
         gsb = gs3[b, :, n0 : n0 + nn_]
         if aggregation == "max":
             t = tmp[: cn * nn_].view(cn, nn_)
+            torch.mul(xs, gsb, out=t)  # first: o may be xs
             torch.mul(xs, gcb, out=o)
-            torch.mul(xs, gsb, out=t)
             torch.maximum(o, t, out=o)
         elif aggregation == "add":
-            torch.mul(xs, gcb, out=o)
-            o.addcmul_(xs, gsb)
+            t = tmp[: cn * nn_].view(cn, nn_)
+            torch.mul(xs, gsb, out=t)  # first: o may be xs
+            torch.mul(xs, gcb, out=o).add_(t)
         else:
             torch.mul(xs, xs, out=o)
             o.mul_(gcb)
@@ -449,10 +494,11 @@ def _cse_fc_backward(
 
 
 def _kernel_max_out_forward(
-    x: torch.Tensor, cse_fc: nn.Module, ws: torch.Tensor, bs: torch.Tensor
+    x: torch.Tensor, cse_fc: nn.Module, ws: torch.Tensor, bs: torch.Tensor, inplace: bool = False
 ) -> tuple[torch.Tensor, ...]:
     """Max-out scSE on the compiled CPU kernels: returns the output, the channel means, both gates and the flat sSE
-    weight (``(B, C)``, ``(B, C)``, ``(B, N)``, ``(C,)``; what the backward needs)."""
+    weight (``(B, C)``, ``(B, C)``, ``(B, N)``, ``(C,)``; what the backward needs). ``inplace``: the output is
+    written over ``x`` (inference only)."""
     ops = torch.ops.scse_monai
     b_, c_ = x.shape[0], x.shape[1]
     n = x[0, 0].numel() if b_ * c_ else 0
@@ -462,7 +508,8 @@ def _kernel_max_out_forward(
     mean = (sums / max(n, 1)).to(x.dtype)
     gc = cse_fc(mean).contiguous()  # (B, C)
     gs = torch.sigmoid(z + bs)  # (B, N)
-    return ops.maxout_forward(x3, gc, gs).view_as(x), mean, gc, gs, w
+    out = ops.maxout_forward_(x3, gc, gs) if inplace else ops.maxout_forward(x3, gc, gs)
+    return out.view_as(x), mean, gc, gs, w
 
 
 class _KernelScSEMaxOut(torch.autograd.Function):
@@ -505,8 +552,8 @@ def get_se_layer(name: str | None, spatial_dims: int, in_channels: int, **kwargs
         name: ``None`` or ``"none"`` (identity), ``"cse"``, ``"sse"`` or ``"scse"``; case-insensitive.
         spatial_dims: number of spatial dimensions (1, 2 or 3).
         in_channels: number of input channels.
-        kwargs: ``reduction_ratio`` (cSE, scSE) and ``aggregation`` (scSE). Both are validated for every
-            variant, and ignored by variants that do not use them, so one set of options configures all.
+        kwargs: ``reduction_ratio`` (cSE, scSE), ``aggregation`` (scSE) and ``inplace`` (all). They are validated
+            for every variant, and ignored by variants that do not use them, so one set of options configures all.
 
     Returns:
         The layer (``torch.nn.Identity`` for ``None``/``"none"``).
@@ -520,23 +567,25 @@ def get_se_layer(name: str | None, spatial_dims: int, in_channels: int, **kwargs
     if not isinstance(key, str) or key.lower() not in SE_LAYER_NAMES:
         raise ValueError(f"SE layer name must be None or one of {SE_LAYER_NAMES} (case-insensitive), got {name!r}.")
     key = key.lower()
-    unknown = set(kwargs) - {"reduction_ratio", "aggregation"}
+    allowed = ("aggregation", "inplace", "reduction_ratio")
+    unknown = set(kwargs) - set(allowed)
     if unknown:
-        raise ValueError(f"unexpected SE options {sorted(unknown)}; allowed: ['aggregation', 'reduction_ratio'].")
+        raise ValueError(f"unexpected SE options {sorted(unknown)}; allowed: {list(allowed)}.")
     _check_spatial_dims(spatial_dims)
     _check_in_channels(in_channels)
     ratio = kwargs.get("reduction_ratio", 2)
     aggregation = kwargs.get("aggregation", "max")
+    inplace = _check_inplace(kwargs.get("inplace", False))
     # validate options even where the chosen variant does not use them, so a typo never passes silently
     if not isinstance(aggregation, str) or aggregation.lower() not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
     if key == "none":
         return nn.Identity()
     if key == "sse":
-        return SpatialSELayer(spatial_dims, in_channels)
+        return SpatialSELayer(spatial_dims, in_channels, inplace=inplace)
     if key == "cse":
-        return ChannelSELayer(spatial_dims, in_channels, ratio)
-    return ChannelSpatialSELayer(spatial_dims, in_channels, ratio, aggregation)
+        return ChannelSELayer(spatial_dims, in_channels, ratio, inplace=inplace)
+    return ChannelSpatialSELayer(spatial_dims, in_channels, ratio, aggregation, inplace=inplace)
 
 
 SE = LayerFactory(name="SE", description="Squeeze-and-excitation layers of Roy et al. (cSE, sSE, scSE).")

@@ -210,6 +210,60 @@ def test_torchscript_round_trip(spatial_dims, name, aggregation):
         )
 
 
+INPLACE_CASES = [("cse", "max"), ("sse", "max")] + [("scse", a) for a in AGGREGATIONS]
+
+
+@pytest.mark.parametrize("spatial_dims", DIMS)
+@pytest.mark.parametrize("name,aggregation", INPLACE_CASES)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_inplace_inference_writes_over_the_input_with_the_same_values(spatial_dims, name, aggregation, chunked):
+    torch.manual_seed(0)
+    layer = get_se_layer(name, spatial_dims, 6, aggregation=aggregation).eval()
+    inplace = get_se_layer(name, spatial_dims, 6, aggregation=aggregation, inplace=True).eval()
+    inplace.load_state_dict(layer.state_dict())
+    for block in (layer, inplace):
+        if name == "scse":
+            block.use_cpu_kernels = False  # the PyTorch paths (the kernels' in-place form: tests/test_cpu_kernels.py)
+            if chunked:  # several chunks per channel and several channels per chunk
+                block.chunked_min_elements, block.chunk_elements = 0, 50
+    x = rand(spatial_dims, size=7)
+    with torch.no_grad():
+        expected = layer(x)
+        y = x.clone()
+        got = inplace(y)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+    if aggregation == "concat":  # its result is a convolution's output: nothing is written over the input
+        assert inplace.inplace is False and torch.equal(y, x)
+    else:
+        assert got.data_ptr() == y.data_ptr() and not torch.equal(y, x)
+
+
+@pytest.mark.parametrize("name,aggregation", INPLACE_CASES)
+def test_inplace_blocks_leave_the_input_alone_when_autograd_is_on(name, aggregation):
+    torch.manual_seed(0)
+    layer = get_se_layer(name, 2, 6, aggregation=aggregation, inplace=True)
+    x = rand(2, size=7)
+    for inp in (x.clone(), x.clone().requires_grad_(True)):
+        out = layer(inp)
+        assert torch.equal(inp.detach(), x) and out.data_ptr() != inp.data_ptr()
+        out.square().sum().backward()  # no in-place modification error
+        assert all(p.grad is not None for p in layer.parameters())
+        layer.zero_grad()
+
+
+def test_scripted_inplace_block_writes_over_the_input_only_without_autograd():
+    torch.manual_seed(0)
+    layer = ChannelSpatialSELayer(2, 6, inplace=True).eval()
+    scripted = torch.jit.script(layer)
+    x = rand(2, size=7)
+    expected = torch.maximum(layer.cse(x), layer.sse(x))
+    y = x.clone()
+    assert torch.allclose(scripted(y), expected, atol=1e-6) and torch.equal(y, x)
+    with torch.no_grad():
+        out = scripted(y)
+    assert out.data_ptr() == y.data_ptr() and torch.allclose(y, expected, atol=1e-6)
+
+
 def test_scripted_training_gradients_match_eager():
     torch.manual_seed(0)
     block = ChannelSpatialSELayer(2, 6, aggregation="max")
@@ -238,7 +292,9 @@ def test_scripted_training_gradients_match_eager():
         (lambda: ChannelSELayer(2, 8, reduction_ratio=9), r"allowed values are 1\.\.8"),
         (lambda: get_se_layer("scse", 2, 8, reduction_ratio=16), r"allowed values are 1\.\.8"),
         (lambda: ChannelSELayer(2, 0), "in_channels"),
-        (lambda: get_se_layer("cse", 2, 8, ratio=2), r"allowed: \['aggregation', 'reduction_ratio'\]"),
+        (lambda: get_se_layer("cse", 2, 8, ratio=2), r"allowed: \['aggregation', 'inplace', 'reduction_ratio'\]"),
+        (lambda: get_se_layer("sse", 2, 8, inplace=1), "inplace must be True or False, got 1"),
+        (lambda: ChannelSpatialSELayer(2, 8, inplace="yes"), "inplace must be True or False"),
     ],
 )
 def test_invalid_arguments_raise_value_error_listing_allowed_values(call, match):

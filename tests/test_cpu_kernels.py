@@ -109,6 +109,26 @@ def test_float32_inference_and_training_agree_with_the_pytorch_path(kernels):
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * (1 + expected.abs().max().item()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inplace_inference_writes_the_kernel_output_over_the_input(kernels, dtype):
+    kernel, _ = blocks(3, 8, dtype=dtype)
+    inplace = ChannelSpatialSELayer(3, 8, reduction_ratio=2, aggregation="max", inplace=True).to(dtype)
+    inplace.load_state_dict(kernel.state_dict())
+    inplace.kernel_min_elements = 0
+    x = channel_shifted((2, 8, 20, 30, 60), dtype=dtype)  # 36,000 positions: three row chunks, the last one ragged
+    y = x.clone()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        expected = kernel(x)
+        got = inplace(y)
+    ops = [e.key for e in prof.key_averages()]
+    assert "scse_monai::maxout_forward_" in ops and "scse_monai::maxout_forward" in ops  # both kernel forms ran
+    assert got.data_ptr() == y.data_ptr() and torch.equal(got, expected)
+    # with autograd on, the same block returns a new tensor and leaves its input alone
+    z = x.clone().requires_grad_(True)
+    out = inplace(z)
+    assert type(out.grad_fn).__name__ == KERNEL_NODE and torch.equal(z.detach(), x)
+
+
 def test_frozen_weights_and_input_get_no_gradient(kernels):
     kernel, plain = blocks(2, 4)
     x = channel_shifted((2, 4, 30, 30))

@@ -195,6 +195,28 @@ def test_onnx_export(cls, spatial_dims):
 
 
 @pytest.mark.parametrize("cls", NETS)
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("se,aggregation", SE_CONFIGS[1:])
+def test_inference_writes_se_blocks_over_stage_outputs_only(cls, spatial_dims, se, aggregation):
+    # the networks build their SE blocks in-place: without autograd they write over the stage's output. The
+    # result must equal the autograd-mode forward and the out-of-place blocks', and the caller's input is untouched.
+    torch.manual_seed(0)
+    net = tiny(cls, spatial_dims, se=se, aggregation=aggregation).eval()
+    blocks = se_blocks(net)
+    assert all(b.inplace == (aggregation != "concat") for b in blocks)
+    x = torch.randn(SHAPES[spatial_dims])
+    y = x.clone()
+    with torch.no_grad():
+        got = net(y)
+    assert torch.equal(y, x)
+    assert torch.allclose(got, net(x), atol=1e-6)
+    for b in blocks:
+        b.inplace = False
+    with torch.no_grad():
+        assert torch.allclose(got, net(x), rtol=1e-6, atol=1e-7)  # "add": x*gc + x*gs in two ops, not addcmul
+
+
+@pytest.mark.parametrize("cls", NETS)
 def test_training_step_reaches_se_parameters(cls):
     torch.manual_seed(0)
     net = tiny(cls, 2, se="scse", aggregation="add")

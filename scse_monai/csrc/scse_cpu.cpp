@@ -63,6 +63,13 @@ SCSE_INLINE void stats_block_impl(const T* __restrict__ x, const T* __restrict__
   }
 }
 
+// max(v * g, v * s); NaN in either product propagates, as torch.maximum does.
+template <typename T>
+SCSE_INLINE T maxout(T v, T g, T s) {
+  const T a = v * g, b = v * s;
+  return (a > b || a != a) ? a : b;
+}
+
 // One task of the max-out forward: out = max(x * gc[c], x * gs[i]).
 template <typename T>
 SCSE_INLINE void forward_block_impl(const T* __restrict__ x, const T* __restrict__ gc, const T* __restrict__ gs, int64_t C,
@@ -71,10 +78,18 @@ SCSE_INLINE void forward_block_impl(const T* __restrict__ x, const T* __restrict
     const T* xr = x + c * N;
     T* o = out + c * N;
     const T g = gc[c];
-    for (int64_t i = 0; i < len; ++i) {
-      const T a = xr[i] * g, s = xr[i] * gs[i];
-      o[i] = (a > s || a != a) ? a : s;  // NaN in either propagates, as torch.maximum does
-    }
+    for (int64_t i = 0; i < len; ++i) o[i] = maxout(xr[i], g, gs[i]);
+  }
+}
+
+// The same, written over x (its own loop: out may not alias x under __restrict__).
+template <typename T>
+SCSE_INLINE void forward_block_inplace_impl(T* __restrict__ x, const T* __restrict__ gc, const T* __restrict__ gs,
+                                            int64_t C, int64_t N, int64_t len) {
+  for (int64_t c = 0; c < C; ++c) {
+    T* xr = x + c * N;
+    const T g = gc[c];
+    for (int64_t i = 0; i < len; ++i) xr[i] = maxout(xr[i], g, gs[i]);
   }
 }
 
@@ -134,6 +149,13 @@ SCSE_CLONES void forward_block(const float* x, const float* gc, const float* gs,
 SCSE_CLONES void forward_block(const double* x, const double* gc, const double* gs, int64_t C, int64_t N, int64_t len,
                                double* out) {
   forward_block_impl(x, gc, gs, C, N, len, out);
+}
+SCSE_CLONES void forward_block_inplace(float* x, const float* gc, const float* gs, int64_t C, int64_t N, int64_t len) {
+  forward_block_inplace_impl(x, gc, gs, C, N, len);
+}
+SCSE_CLONES void forward_block_inplace(double* x, const double* gc, const double* gs, int64_t C, int64_t N,
+                                       int64_t len) {
+  forward_block_inplace_impl(x, gc, gs, C, N, len);
 }
 SCSE_CLONES void backward_block(const float* x, const float* g, const float* gc, const float* gs, const float* w,
                                 int64_t C, int64_t N, int64_t len, float* gx, float* dz, float* work, double* gc_acc,
@@ -202,27 +224,43 @@ std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& x, const at::Tensor& 
   return {sums.reduced({B, C}), z};
 }
 
-// max(x * gc[:, :, None], x * gs[:, None, :]) for x (B, C, N), gc (B, C), gs (B, N).
-at::Tensor maxout_forward(const at::Tensor& x, const at::Tensor& gc, const at::Tensor& gs) {
+// max(x * gc[:, :, None], x * gs[:, None, :]) for x (B, C, N), gc (B, C), gs (B, N), written into out (a fresh
+// tensor) or, when out is undefined, over x.
+void maxout_forward_into(const at::Tensor& x, const at::Tensor& gc, const at::Tensor& gs, const at::Tensor& out) {
   check_map(x, "x");
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
   check_small(gc, x, {B, C}, "gc");
   check_small(gs, x, {B, N}, "gs");
-  auto out = at::empty_like(x);
   const int64_t nb = (N + kRowChunk - 1) / kRowChunk;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scse_maxout_forward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gcp = gc.data_ptr<scalar_t>();
     const scalar_t* gsp = gs.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* op = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B * C * nb, grain(kRowChunk), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t row = t / nb, n0 = (t % nb) * kRowChunk, len = std::min(kRowChunk, N - n0);
-        forward_block(xp + row * N + n0, gcp + row, gsp + (row / C) * N + n0, 1, N, len, op + row * N + n0);
+        const int64_t off = row * N + n0;
+        if (op != nullptr) {
+          forward_block(xp + off, gcp + row, gsp + (row / C) * N + n0, 1, N, len, op + off);
+        } else {
+          forward_block_inplace(xp + off, gcp + row, gsp + (row / C) * N + n0, 1, N, len);
+        }
       }
     });
   });
+}
+
+at::Tensor maxout_forward(const at::Tensor& x, const at::Tensor& gc, const at::Tensor& gs) {
+  auto out = at::empty_like(x);
+  maxout_forward_into(x, gc, gs, out);
   return out;
+}
+
+// In-place form for inference without autograd: x is overwritten by the block's output.
+at::Tensor& maxout_forward_(at::Tensor& x, const at::Tensor& gc, const at::Tensor& gs) {
+  maxout_forward_into(x, gc, gs, at::Tensor());
+  return x;
 }
 
 // Backward of the max-out block for the gates gc = cSE(x), gs = sigmoid(sum_c w[c] x[:, c] + bias). Returns the
@@ -267,6 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maxout_backward(const
 TORCH_LIBRARY(scse_monai, m) {
   m.def("stats(Tensor x, Tensor w) -> (Tensor, Tensor)", &stats);
   m.def("maxout_forward(Tensor x, Tensor gc, Tensor gs) -> Tensor", &maxout_forward);
+  m.def("maxout_forward_(Tensor(a!) x, Tensor gc, Tensor gs) -> Tensor(a!)", &maxout_forward_);
   m.def("maxout_backward(Tensor x, Tensor grad, Tensor gc, Tensor gs, Tensor w) -> (Tensor, Tensor, Tensor, Tensor)",
         &maxout_backward);
 }

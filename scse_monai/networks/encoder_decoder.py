@@ -72,7 +72,9 @@ class SEEncoderDecoder(nn.Module):
         self.spatial_dims = spatial_dims
         self.multiple = 2**NUM_LEVELS
         self.unpool = upsample == "unpool"
-        se_opts = {"reduction_ratio": reduction_ratio, "aggregation": aggregation}
+        # every SE block's input is a stage's fresh output that nothing else reads: without autograd the blocks
+        # write over it (no full-size allocation per block at inference)
+        se_opts = {"reduction_ratio": reduction_ratio, "aggregation": aggregation, "inplace": True}
 
         def se_block() -> nn.Module:
             return get_se_layer(se, spatial_dims, features, **se_opts)
