@@ -6,6 +6,12 @@ training step (forward, cross-entropy loss, backward, SGD step). All variants sh
 the common layers; repetitions are interleaved and medians compared. Targets (issue 6): scSE-UNet / UNet
 time <= 1.03 in inference and <= 1.04 in training.
 
+A control candidate, ``none (copy)``, is a second plain U-Net with the same weights: its ratio to ``none`` would be
+1.000 on a quiet machine, so how far it lands from 1 is this run's own resolution (rows and
+``control_ratio_*``). A whole-network ratio closer to its target than that cannot be told apart from noise; the
+``scse_blocks_alone`` row (the network's scSE blocks run alone) is the measurement of SE's own cost that noise
+does not swamp.
+
 On CPU with glibc's default malloc, much of a training step's time goes to paging in fresh memory: large
 freed blocks are returned to the kernel and the next allocation of that size faults every page in again. How
 much depends on the allocator's state, which changes from run to run, and SE blocks add two full-size tensors
@@ -35,6 +41,8 @@ from scse_monai.networks import SEUNet
 
 TARGETS = {"inference": 1.03, "training": 1.04}
 VARIANTS = (None, "cse", "sse", "scse")
+#: the A/A control: a second plain network with the same weights, timed like the others
+CONTROL = "none (copy)"
 #: glibc malloc tunables: serve blocks up to 32 MiB from the heap (not fresh mmaps) and never trim the heap, so
 #: freed memory is reused without page faults
 KEEP_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
@@ -79,7 +87,9 @@ def run(quick: bool = False) -> dict:
         kept = json.loads(child.stdout.rsplit("RESULT ", 1)[1])
         result["rows"] += kept["rows"]
         for key, value in kept.items():
-            if key.startswith(("scse_ratio_", "scse_cpu_ratio_", "target_met_", "scse_blocks_share_")):
+            if key.startswith(
+                ("scse_ratio_", "scse_cpu_ratio_", "target_met_", "scse_blocks_share_", "control_ratio_")
+            ):
                 result[f"{key}_kept_memory"] = value
     return result
 
@@ -125,13 +135,15 @@ def measure(quick: bool = False, allocator: str = DEFAULT_ALLOCATOR) -> dict:
         quick: see :func:`run`.
         allocator: label of the allocator setting this process runs with (the rows' ``allocator`` column).
     """
-    # a full run must stay within a few minutes on 2 cores: 9 interleaved repetitions for inference, 9 for the
-    # (about 3x slower, and noisier) training step, one warm-up each
+    # a full run takes about two minutes per allocator setting on 2 cores: 15 interleaved repetitions for inference,
+    # 11 for the (about 3x slower) training step, one warm-up each. On the 2-core VM single steps scatter by 5-10 %,
+    # and the control's ratio over 9 repetitions was up to 1.03 (two identical networks).
     features, shape = (16, (2, 1, 64, 64)) if quick else (64, (4, 1, 128, 128))
-    repeats = {"inference": 3, "training": 2} if quick else {"inference": 9, "training": 9}
+    repeats = {"inference": 3, "training": 2} if quick else {"inference": 15, "training": 11}
     torch.manual_seed(0)
     base = _net(None, features, None)
     nets = {str(se).lower(): _net(se, features, base.state_dict()) for se in VARIANTS}
+    nets[CONTROL] = _net(None, features, base.state_dict())
     x = torch.randn(shape)
     target = torch.randint(0, 2, (shape[0], *shape[2:]))
     rows = []
@@ -182,7 +194,7 @@ def measure(quick: bool = False, allocator: str = DEFAULT_ALLOCATOR) -> dict:
                 }
             )
             print(
-                f"  networks [{allocator}] {mode:9s} se={name:5s} median {med * 1e3:9.1f} ms  "
+                f"  networks [{allocator}] {mode:9s} se={name:11s} median {med * 1e3:9.1f} ms  "
                 f"ratio {med / base_s:5.3f}  (CPU time ratio {cpu / base_cpu:5.3f})"
             )
         ratio = times["scse"]["median_s"] / base_s
@@ -190,6 +202,7 @@ def measure(quick: bool = False, allocator: str = DEFAULT_ALLOCATOR) -> dict:
         result[f"scse_cpu_ratio_{mode}"] = round(times["scse"]["cpu_median_s"] / base_cpu, 4)
         result[f"target_{mode}"] = TARGETS[mode]
         result[f"target_met_{mode}"] = ratio <= TARGETS[mode]
+        result[f"control_ratio_{mode}"] = round(times[CONTROL]["median_s"] / base_s, 4)
         share = times["scse_blocks_alone"]["median_s"] / base_s
         result[f"scse_blocks_share_{mode}"] = round(share, 4)
         print(f"  networks [{allocator}] {mode:9s} the scSE blocks alone take {share:.1%} of a plain U-Net {mode} step")
