@@ -87,6 +87,24 @@ def test_add_se_keeps_weights_shape_and_scripts(case, spatial_dims):
         assert torch.allclose(torch.jit.script(model)(x), y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_inplace_se_gives_the_same_outputs_in_every_supported_model(case):
+    # inplace=True writes each SE block's result over its stage's output when autograd is off: that output must
+    # feed nothing else in any supported model, and the caller's input must stay untouched
+    build = CASES[case][0]
+    torch.manual_seed(0)
+    model = add_se(build(2), "scse", reduction_ratio=2).eval()
+    inplace = add_se(build(2), "scse", reduction_ratio=2, inplace=True)
+    inplace.load_state_dict(model.state_dict())
+    inplace.eval()
+    assert all(block.inplace for block in top_level_se(inplace))
+    x = torch.randn(2, 1, 32, 32)
+    y = x.clone()
+    with torch.no_grad():
+        expected, got = model(x), inplace(y)
+    assert torch.equal(y, x) and torch.equal(got, expected)
+
+
 def test_se_sits_after_the_stage_output():
     # the input of every SE block must be the output of the stage it was attached to
     model = basic_unet(2).eval()

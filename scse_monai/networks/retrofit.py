@@ -129,7 +129,9 @@ def add_se(model: nn.Module, se: str = "scse", **kwargs) -> nn.Module:
     Args:
         model: the network; modified in place and returned.
         se: ``"cse"``, ``"sse"`` or ``"scse"`` (``None``/``"none"`` inserts identities).
-        kwargs: ``reduction_ratio`` and ``aggregation``, passed to :func:`scse_monai.blocks.get_se_layer`.
+        kwargs: ``reduction_ratio``, ``aggregation`` and ``inplace`` (default ``False``), passed to
+            :func:`scse_monai.blocks.get_se_layer`. With ``inplace=True`` the blocks write over their stage's output
+            at inference; the tests check that the supported networks give the same outputs with it.
 
     Returns:
         ``model``, with SE blocks registered as children named ``se`` of the stages. All original
