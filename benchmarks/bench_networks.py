@@ -95,11 +95,15 @@ def run(quick: bool = False) -> dict:
 
 
 def _scse_blocks_alone(net: torch.nn.Module, x: torch.Tensor, training: bool):
-    """A callable running every scSE block of ``net`` once, alone, on a random input of the shape it sees in ``net``.
+    """Callables running every scSE block of ``net`` once, alone, on a random input of the shape it sees in ``net``.
 
     Forward only (no grad) for inference; forward and backward (input and weight gradients) for training. Its time
     over the plain network's is the SE blocks' own share of a step, free of the noise of timing two whole
     networks against each other (the allocator and cache effects that come and go between runs).
+
+    Returns ``(run, restore)``. At inference the network's blocks write over their input (``inplace``, as in the
+    network), which would shrink it by the gates at every call (to float32's denormal range, where arithmetic
+    slows down, after about 150 calls); ``restore``, run untimed before each call, copies the original values back.
     """
     shapes: list[tuple[torch.nn.Module, torch.Size]] = []
     hooks = [
@@ -113,6 +117,7 @@ def _scse_blocks_alone(net: torch.nn.Module, x: torch.Tensor, training: bool):
         h.remove()
     g = torch.Generator().manual_seed(1)
     work = [(m, torch.randn(s, generator=g).relu_(), torch.randn(s, generator=g)) for m, s in shapes]
+    originals = [inp.clone() for _, inp, _ in work] if not training else []
 
     def run_blocks() -> None:
         for m, inp, grad in work:
@@ -125,7 +130,12 @@ def _scse_blocks_alone(net: torch.nn.Module, x: torch.Tensor, training: bool):
                 with torch.no_grad():
                     m(inp)
 
-    return run_blocks
+    def restore() -> None:
+        # training: nothing to restore (with autograd on the blocks leave their input alone), originals is empty
+        for (_, inp, _), original in zip(work, originals, strict=False):
+            inp.copy_(original)
+
+    return run_blocks, restore
 
 
 def measure(quick: bool = False, allocator: str = DEFAULT_ALLOCATOR) -> dict:
@@ -177,8 +187,8 @@ def measure(quick: bool = False, allocator: str = DEFAULT_ALLOCATOR) -> dict:
                     opt.step()
 
                 cands[name] = step
-        cands["scse_blocks_alone"] = _scse_blocks_alone(nets["scse"], x, training=mode == "training")
-        times = compare_times(cands, repeats=repeats[mode])
+        cands["scse_blocks_alone"], restore = _scse_blocks_alone(nets["scse"], x, training=mode == "training")
+        times = compare_times(cands, repeats=repeats[mode], setups={"scse_blocks_alone": restore})
         base_s, base_cpu = times["none"]["median_s"], times["none"]["cpu_median_s"]
         for name in nets:
             med, cpu = times[name]["median_s"], times[name]["cpu_median_s"]

@@ -34,7 +34,10 @@ def set_threads(threads: int | None = None) -> int:
 
 
 def compare_times(
-    candidates: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1
+    candidates: dict[str, Callable[[], object]],
+    repeats: int = 7,
+    warmup: int = 1,
+    setups: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, dict[str, float | list[float]]]:
     """Runs every candidate ``repeats`` times, interleaved, and returns the median wall time of each.
 
@@ -42,6 +45,8 @@ def compare_times(
         candidates: name -> zero-argument callable doing one unit of work.
         repeats: timed runs per candidate.
         warmup: untimed runs per candidate first (allocator, thread pool and kernel selection warm-up).
+        setups: name -> zero-argument callable run, untimed, before each run of that candidate (e.g. to restore
+            inputs that the candidate overwrites).
 
     Returns:
         name -> ``{"median_s", "min_s", "cpu_median_s", "times_s"}``: wall-clock median and minimum, the
@@ -55,14 +60,19 @@ def compare_times(
         ['a', 'b']
     """
     names = list(candidates)
+    setups = setups or {}
     for _ in range(warmup):
         for name in names:
+            if name in setups:
+                setups[name]()
             candidates[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
+            if name in setups:
+                setups[name]()
             gc.collect()
             start, start_cpu = time.perf_counter(), time.process_time()
             candidates[name]()
