@@ -216,6 +216,23 @@ def test_inference_writes_se_blocks_over_stage_outputs_only(cls, spatial_dims, s
         assert torch.allclose(got, net(x), rtol=1e-6, atol=1e-7)  # "add": x*gc + x*gs in two ops, not addcmul
 
 
+@pytest.mark.parametrize("aggregation", ["max", "add"])
+def test_inplace_blocks_under_autocast_in_channels_last(aggregation):
+    # the GPU inference path of the bundle and the benchmark (AMP, channels_last), exercised on CPU with bfloat16
+    # autocast: maps are channels_last (the kernels do not apply), the gates may be of another dtype than the map
+    torch.manual_seed(0)
+    net = tiny(SEUNet, 2, features=8, se="scse", aggregation=aggregation).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 1, 32, 32).to(memory_format=torch.channels_last)
+    y = x.clone()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = net(y)
+        for b in se_blocks(net):
+            b.inplace = False
+        expected = net(x)
+    assert torch.equal(y, x)
+    assert torch.allclose(got.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("cls", NETS)
 def test_training_step_reaches_se_parameters(cls):
     torch.manual_seed(0)
