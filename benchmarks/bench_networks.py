@@ -3,22 +3,28 @@
 SEUNet with ``features=64``, 5x5 kernels, 2D, a batch of 4 x 1 x 128 x 128: ``se=None`` against ``"cse"``,
 ``"sse"`` and ``"scse"`` (max aggregation, r=2), in inference (``torch.no_grad``, eval mode) and for one
 training step (forward, cross-entropy loss, backward, SGD step). All variants share the weights of
-the common layers; repetitions are interleaved and medians compared. Targets (issue 6): scSE-UNet / UNet
-time <= 1.03 in inference and <= 1.04 in training.
+the common layers. Targets (issue 6): scSE-UNet / UNet time <= 1.03 in inference and <= 1.04 in training.
+
+How the ratios are made. A *session* is one fresh process that builds the networks and times every candidate
+over interleaved repetitions (the order rotates each repetition). Each repetition gives one paired ratio per
+candidate, its time over the plain network's time in the same repetition (adjacent in time, so load that comes
+and goes cancels). The reported ratio is the median of the paired ratios pooled over all sessions of an
+allocator setting; each session's own median ratio is listed too (``session_ratios``). Several sessions, because
+each process places its tensors differently and that alone moved single-process ratios by 2-3 %.
 
 A control candidate, ``none (copy)``, is a second plain U-Net with the same weights: its ratio to ``none`` would be
-1.000 on a quiet machine, so how far it lands from 1 is this run's own resolution (rows and
-``control_ratio_*``). A whole-network ratio closer to its target than that cannot be told apart from noise; the
-``scse_blocks_alone`` row (the network's scSE blocks run alone) is the measurement of SE's own cost that noise
-does not swamp.
+1.000 on a quiet machine, so how far it lands from 1 is the measurement's own resolution (``control_ratio_*``).
+A whole-network ratio closer to its target than that cannot be told apart from noise; ``scse_blocks_share_*``
+(the network's scSE blocks run alone, at the shapes they see in it) is the measurement of SE's own cost that
+noise does not swamp.
 
 On CPU with glibc's default malloc, much of a training step's time goes to paging in fresh memory: large
 freed blocks are returned to the kernel and the next allocation of that size faults every page in again. How
 much depends on the allocator's state, which changes from run to run, and SE blocks add two full-size tensors
-per block (their output and their input's gradient). So the comparison is made twice: in this process
-(default allocator), and in a child process with glibc settings that keep freed memory for reuse
-(:data:`KEEP_MEMORY_ENV`; the effect PyTorch's CPU performance guide gets from jemalloc or tcmalloc). The
-second isolates the SE blocks' own cost. Rows carry an ``allocator`` column.
+per block in training (their output and their input's gradient). So sessions run with the default allocator
+and with glibc settings that keep freed memory for reuse (:data:`KEEP_MEMORY_ENV`; the effect PyTorch's CPU
+performance guide gets from jemalloc or tcmalloc), alternating. The second isolates the SE blocks' own cost.
+Rows carry an ``allocator`` column; result keys of the second end in ``_kept_memory``.
 
 Run: ``python -m benchmarks.run --only networks [--quick]``.
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,14 +47,18 @@ from scse_monai.blocks import ChannelSpatialSELayer
 from scse_monai.networks import SEUNet
 
 TARGETS = {"inference": 1.03, "training": 1.04}
+MODES = ("inference", "training")
 VARIANTS = (None, "cse", "sse", "scse")
 #: the A/A control: a second plain network with the same weights, timed like the others
 CONTROL = "none (copy)"
+BLOCKS_ALONE = "scse_blocks_alone"
 #: glibc malloc tunables: serve blocks up to 32 MiB from the heap (not fresh mmaps) and never trim the heap, so
 #: freed memory is reused without page faults
 KEEP_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 DEFAULT_ALLOCATOR = "default"
 KEEP_MEMORY_ALLOCATOR = "glibc, freed memory kept"
+#: sessions per allocator setting (a full run: about 80 s each on 2 cores)
+SESSIONS = 2
 
 
 def _net(se: str | None, features: int, base_state: dict | None) -> SEUNet:
@@ -58,40 +69,115 @@ def _net(se: str | None, features: int, base_state: dict | None) -> SEUNet:
 
 
 def run(quick: bool = False) -> dict:
-    """Times SEUNet for every SE variant, with the default allocator and with freed memory kept.
+    """Times SEUNet for every SE variant in fresh processes, with the default allocator and with freed memory kept.
 
     Args:
-        quick: features 16 on 2 x 1 x 64 x 64 and fewer repetitions (a smoke run, not the paper's setting).
+        quick: one session per allocator setting, features 16 on 2 x 1 x 64 x 64 and fewer repetitions (a smoke
+            run, not the paper's setting).
 
     Returns:
-        ``measure()``'s result for the default allocator; the child process's rows are appended and its ratios
-        added under keys ending in ``_kept_memory``. Where the child cannot run (not Linux/glibc), only the first.
+        Rows per allocator, mode and variant, and the summary keys (``scse_ratio_*``, ``control_ratio_*``,
+        ``target_met_*``, ``scse_blocks_share_*``; ``*_kept_memory`` for the second allocator setting). Where glibc's
+        tunables do not apply (not Linux), only the default allocator is measured.
     """
-    result = measure(quick)
-    if sys.platform.startswith("linux") and not all(os.environ.get(k) == v for k, v in KEEP_MEMORY_ENV.items()):
-        code = (
-            "import json, torch; from benchmarks.bench_networks import measure; "
-            f"torch.set_num_threads({torch.get_num_threads()}); "
-            f"print('RESULT ' + json.dumps(measure({quick!r}, allocator={KEEP_MEMORY_ALLOCATOR!r})))"
-        )
-        child = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=Path(__file__).resolve().parents[1],
-            env={**os.environ, **KEEP_MEMORY_ENV},
-            capture_output=True,
-            text=True,
-        )
-        if child.returncode != 0 or "RESULT " not in child.stdout:
-            raise RuntimeError(f"the kept-memory measurement failed (exit {child.returncode}):\n{child.stderr[-3000:]}")
-        print(child.stdout.rsplit("RESULT ", 1)[0], end="")
-        kept = json.loads(child.stdout.rsplit("RESULT ", 1)[1])
-        result["rows"] += kept["rows"]
-        for key, value in kept.items():
-            if key.startswith(
-                ("scse_ratio_", "scse_cpu_ratio_", "target_met_", "scse_blocks_share_", "control_ratio_")
-            ):
-                result[f"{key}_kept_memory"] = value
+    settings = [(DEFAULT_ALLOCATOR, {})]
+    if sys.platform.startswith("linux"):
+        settings.append((KEEP_MEMORY_ALLOCATOR, KEEP_MEMORY_ENV))
+    sessions: dict[str, list[dict]] = {name: [] for name, _ in settings}
+    for _ in range(1 if quick else SESSIONS):
+        for name, env in settings:  # alternating, so that slow drifts of the machine hit both settings
+            sessions[name].append(_session_in_child(quick, name, env))
+    first = sessions[DEFAULT_ALLOCATOR][0]
+    result: dict = {
+        "benchmark": "networks",
+        "quick": quick,
+        "configuration": first["configuration"],
+        "repetitions_per_session": first["repetitions"],
+        "sessions_per_allocator": len(sessions[DEFAULT_ALLOCATOR]),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_kernels": first["cpu_kernels"],
+        "rows": [],
+    }
+    for name, _ in settings:
+        suffix = "" if name == DEFAULT_ALLOCATOR else "_kept_memory"
+        rows, summary = _summarize(sessions[name], name)
+        result["rows"] += rows
+        result.update({f"{key}{suffix}": value for key, value in summary.items()})
     return result
+
+
+def _session_in_child(quick: bool, allocator: str, env: dict[str, str]) -> dict:
+    """Runs :func:`measure_session` in a fresh Python process with ``env`` added; returns its result."""
+    code = (
+        "import json, torch; from benchmarks.bench_networks import measure_session; "
+        f"torch.set_num_threads({torch.get_num_threads()}); "
+        f"print('RESULT ' + json.dumps(measure_session({quick!r})))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        # the default sessions must not inherit the kept-memory tunables from the caller's environment
+        env={**{k: v for k, v in os.environ.items() if k not in KEEP_MEMORY_ENV}, **env},
+        capture_output=True,
+        text=True,
+    )
+    if child.returncode != 0 or "RESULT " not in child.stdout:
+        raise RuntimeError(f"a {allocator!r} session failed (exit {child.returncode}):\n{child.stderr[-3000:]}")
+    session = json.loads(child.stdout.rsplit("RESULT ", 1)[1])
+    for mode in MODES:
+        times = session["times"][mode]
+        ratio, control = (
+            statistics.median(times[k]["wall_s"]) / statistics.median(times["none"]["wall_s"])
+            for k in ("scse", CONTROL)
+        )
+        print(f"  networks [{allocator}] session: {mode:9s} scse/none {ratio:5.3f}  control {control:5.3f}", flush=True)
+    return session
+
+
+def _paired(session_times: list[dict], name: str, key: str = "wall_s") -> list[float]:
+    """Per-repetition ratios ``name / none``, pooled over sessions."""
+    return [a / b for t in session_times for a, b in zip(t[name][key], t["none"][key], strict=True)]
+
+
+def _summarize(sessions: list[dict], allocator: str) -> tuple[list[dict], dict]:
+    rows, summary = [], {}
+    for mode in MODES:
+        per_session = [s["times"][mode] for s in sessions]
+        names = [n for n in per_session[0] if n != BLOCKS_ALONE]
+        for name in names:
+            wall = [v for t in per_session for v in t[name]["wall_s"]]
+            ratio = statistics.median(_paired(per_session, name))
+            rows.append(
+                {
+                    "allocator": allocator,
+                    "mode": mode,
+                    "se": name,
+                    "median_ms": round(statistics.median(wall) * 1e3, 1),
+                    "ratio_vs_none": round(ratio, 3),
+                    "session_ratios": ", ".join(
+                        f"{statistics.median(t[name]['wall_s']) / statistics.median(t['none']['wall_s']):.3f}"
+                        for t in per_session
+                    ),
+                    "cpu_ratio_vs_none": round(statistics.median(_paired(per_session, name, "cpu_s")), 3),
+                }
+            )
+            print(
+                f"  networks [{allocator}] {mode:9s} se={name:11s} median {rows[-1]['median_ms']:9.1f} ms  "
+                f"ratio {ratio:5.3f}  (sessions: {rows[-1]['session_ratios']})"
+            )
+        scse = statistics.median(_paired(per_session, "scse"))
+        share = statistics.median(_paired(per_session, BLOCKS_ALONE))
+        summary.update(
+            {
+                f"scse_ratio_{mode}": round(scse, 4),
+                f"target_{mode}": TARGETS[mode],
+                f"target_met_{mode}": scse <= TARGETS[mode],
+                f"control_ratio_{mode}": round(statistics.median(_paired(per_session, CONTROL)), 4),
+                f"scse_blocks_share_{mode}": round(share, 4),
+            }
+        )
+        print(f"  networks [{allocator}] {mode:9s} the scSE blocks alone take {share:.1%} of a plain U-Net {mode} step")
+    return rows, summary
 
 
 def _scse_blocks_alone(net: torch.nn.Module, x: torch.Tensor, training: bool):
@@ -138,34 +224,34 @@ def _scse_blocks_alone(net: torch.nn.Module, x: torch.Tensor, training: bool):
     return run_blocks, restore
 
 
-def measure(quick: bool = False, allocator: str = DEFAULT_ALLOCATOR) -> dict:
-    """Times SEUNet for every SE variant in this process; returns rows with medians and ratios vs ``se=None``.
+def measure_session(quick: bool = False) -> dict:
+    """One session in this process: times every candidate, interleaved; returns every repetition's times.
 
     Args:
         quick: see :func:`run`.
-        allocator: label of the allocator setting this process runs with (the rows' ``allocator`` column).
+
+    Returns:
+        ``{"times": {mode: {candidate: {"wall_s": [...], "cpu_s": [...]}}}, ...}``, one value per repetition;
+        candidates: the SE variants (``"none"``, ``"cse"``, ``"sse"``, ``"scse"``), the control and the scSE
+        blocks alone.
     """
-    # a full run takes about two minutes per allocator setting on 2 cores: 15 interleaved repetitions for inference,
-    # 11 for the (about 3x slower) training step, one warm-up each. On the 2-core VM single steps scatter by 5-10 %,
-    # and the control's ratio over 9 repetitions was up to 1.03 (two identical networks).
+    # one session takes about 80 s on 2 cores: 9 interleaved repetitions for inference, 7 for the (about 3x slower)
+    # training step, one warm-up each. On the 2-core VM single steps scatter by 5-10 %.
     features, shape = (16, (2, 1, 64, 64)) if quick else (64, (4, 1, 128, 128))
-    repeats = {"inference": 3, "training": 2} if quick else {"inference": 15, "training": 11}
+    repeats = {"inference": 3, "training": 2} if quick else {"inference": 9, "training": 7}
     torch.manual_seed(0)
     base = _net(None, features, None)
     nets = {str(se).lower(): _net(se, features, base.state_dict()) for se in VARIANTS}
     nets[CONTROL] = _net(None, features, base.state_dict())
     x = torch.randn(shape)
     target = torch.randint(0, 2, (shape[0], *shape[2:]))
-    rows = []
     result: dict = {
-        "benchmark": "networks",
-        "quick": quick,
         "configuration": {"network": "SEUNet", "features": features, "kernel_size": 5, "input": list(shape)},
         "repetitions": repeats,
-        "torch_threads": torch.get_num_threads(),
         "cpu_kernels": cpu_kernels.available(),  # the scSE blocks run on the compiled kernels (scse_monai.cpu_kernels)
+        "times": {},
     }
-    for mode in ("inference", "training"):
+    for mode in MODES:
         cands = {}
         for name, net in nets.items():
             if mode == "inference":
@@ -187,34 +273,7 @@ def measure(quick: bool = False, allocator: str = DEFAULT_ALLOCATOR) -> dict:
                     opt.step()
 
                 cands[name] = step
-        cands["scse_blocks_alone"], restore = _scse_blocks_alone(nets["scse"], x, training=mode == "training")
-        times = compare_times(cands, repeats=repeats[mode], setups={"scse_blocks_alone": restore})
-        base_s, base_cpu = times["none"]["median_s"], times["none"]["cpu_median_s"]
-        for name in nets:
-            med, cpu = times[name]["median_s"], times[name]["cpu_median_s"]
-            rows.append(
-                {
-                    "allocator": allocator,
-                    "mode": mode,
-                    "se": name,
-                    "median_ms": round(med * 1e3, 1),
-                    "ratio_vs_none": round(med / base_s, 3),
-                    "cpu_median_ms": round(cpu * 1e3, 1),
-                    "cpu_ratio_vs_none": round(cpu / base_cpu, 3),
-                }
-            )
-            print(
-                f"  networks [{allocator}] {mode:9s} se={name:11s} median {med * 1e3:9.1f} ms  "
-                f"ratio {med / base_s:5.3f}  (CPU time ratio {cpu / base_cpu:5.3f})"
-            )
-        ratio = times["scse"]["median_s"] / base_s
-        result[f"scse_ratio_{mode}"] = round(ratio, 4)
-        result[f"scse_cpu_ratio_{mode}"] = round(times["scse"]["cpu_median_s"] / base_cpu, 4)
-        result[f"target_{mode}"] = TARGETS[mode]
-        result[f"target_met_{mode}"] = ratio <= TARGETS[mode]
-        result[f"control_ratio_{mode}"] = round(times[CONTROL]["median_s"] / base_s, 4)
-        share = times["scse_blocks_alone"]["median_s"] / base_s
-        result[f"scse_blocks_share_{mode}"] = round(share, 4)
-        print(f"  networks [{allocator}] {mode:9s} the scSE blocks alone take {share:.1%} of a plain U-Net {mode} step")
-    result["rows"] = rows
+        cands[BLOCKS_ALONE], restore = _scse_blocks_alone(nets["scse"], x, training=mode == "training")
+        times = compare_times(cands, repeats=repeats[mode], setups={BLOCKS_ALONE: restore})
+        result["times"][mode] = {n: {"wall_s": t["times_s"], "cpu_s": t["cpu_times_s"]} for n, t in times.items()}
     return result

@@ -49,9 +49,9 @@ def compare_times(
             inputs that the candidate overwrites).
 
     Returns:
-        name -> ``{"median_s", "min_s", "cpu_median_s", "times_s"}``: wall-clock median and minimum, the
-        median CPU time of the process (all threads; less sensitive to other processes on a shared machine,
-        but it counts threads spinning while they wait), and every wall time.
+        name -> ``{"median_s", "min_s", "cpu_median_s", "times_s", "cpu_times_s"}``: wall-clock median and
+        minimum, the median CPU time of the process (all threads; less sensitive to other processes on a shared
+        machine, but it counts threads spinning while they wait), and every wall and CPU time, in repetition order.
 
     Example::
 
@@ -84,6 +84,7 @@ def compare_times(
             "min_s": min(t),
             "cpu_median_s": statistics.median(cpu[name]),
             "times_s": t,
+            "cpu_times_s": cpu[name],
         }
         for name, t in times.items()
     }
