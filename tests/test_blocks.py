@@ -251,9 +251,12 @@ def test_inplace_blocks_leave_the_input_alone_when_autograd_is_on(name, aggregat
         layer.zero_grad()
 
 
-def test_scripted_inplace_block_writes_over_the_input_only_without_autograd():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_scripted_inplace_block_writes_over_the_input_only_without_autograd(chunked):
     torch.manual_seed(0)
     layer = ChannelSpatialSELayer(2, 6, inplace=True).eval()
+    if chunked:
+        layer.chunked_min_elements, layer.chunk_elements = 0, 50
     scripted = torch.jit.script(layer)
     x = rand(2, size=7)
     expected = torch.maximum(layer.cse(x), layer.sse(x))
