@@ -13,6 +13,8 @@ T2-like NIfTI of 256 x 256 x 40 voxels at 1.25 x 1.25 x 7.7 mm (CHAOS T2-SPIR ge
 volume after start-up (a separate end-to-end candidate would only add another long measurement per repetition).
 
 On a GPU (when one is present) the network runs under AMP in ``channels_last`` memory format; on CPU in float32.
+Both can be asked for on CPU too (``run(amp=True, channels_last=True)``: bfloat16 autocast), which is how the
+tests exercise that path on a machine without a GPU.
 
 Run: ``python -m benchmarks.run --only inference [--quick]``.
 """
@@ -55,18 +57,22 @@ def _parser(output_dir: str, se: str, features: int) -> ConfigParser:
     return parser
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, amp: bool | None = None, channels_last: bool | None = None) -> dict:
     """Times the bundle's inference stages on one synthetic 256 x 256 x 40 volume.
 
     Args:
         quick: 8 slices, features 8, 1 repetition (a smoke run, not a measurement); otherwise 40 slices, the
             shipped features 32, 3 repetitions.
+        amp: run the network under autocast (float16 on CUDA, bfloat16 on CPU); default: on a GPU only.
+        channels_last: convert the networks to ``channels_last``; default: on a GPU only.
     """
     features = 8 if quick else 32
     repeats = 1 if quick else 3
     shape = (*SHAPE[:2], 8) if quick else SHAPE
     cuda = torch.cuda.is_available()
     device = torch.device("cuda:0" if cuda else "cpu")
+    amp = cuda if amp is None else amp
+    channels_last = cuda if channels_last is None else channels_last
     with tempfile.TemporaryDirectory() as tmp:
         image = synthetic_volume(Path(tmp) / "mr_t2.nii.gz", shape)
         parsers = {se: _parser(str(Path(tmp) / "out"), se, features) for se in ("scse", "none")}
@@ -80,14 +86,14 @@ def run(quick: bool = False) -> dict:
             net = parser.get_parsed_content("network_def").to(device).eval()
             if nets:
                 net.load_state_dict(next(iter(nets.values())).state_dict(), strict=False)
-            if cuda:
+            if channels_last:
                 net = net.to(memory_format=torch.channels_last)
             nets[se] = net
         sample = pre({"image": str(image)})
         x = sample["image"][None].to(device)
 
         def infer(net: torch.nn.Module, volume: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad(), torch.autocast(device.type, enabled=cuda):
+            with torch.no_grad(), torch.autocast(device.type, enabled=amp):
                 out = inferer(volume, net)
             if cuda:
                 torch.cuda.synchronize()
@@ -118,8 +124,8 @@ def run(quick: bool = False) -> dict:
         "benchmark": "inference",
         "quick": quick,
         "device": str(device),
-        "amp": cuda,
-        "channels_last": cuda,
+        "amp": amp,
+        "channels_last": channels_last,
         "volume": f"{shape[0]}x{shape[1]}x{shape[2]} @ {SPACING} mm",
         "network_input": "x".join(str(v) for v in x.shape[1:]),
         "output_shape": "x".join(map(str, out_shape)),
