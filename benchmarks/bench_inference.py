@@ -99,7 +99,15 @@ def run(quick: bool = False, amp: bool | None = None, channels_last: bool | None
                 torch.cuda.synchronize()
             return out
 
+        # what the network actually ran with: the dtype of its own outputs (the inferer's buffer is float32) and
+        # the memory format of a kxk convolution weight with several input channels
+        dtypes: set[str] = set()
+        hook = nets["scse"].register_forward_hook(lambda mod, args, out: dtypes.add(str(out.dtype)))
         pred = infer(nets["scse"], x)
+        hook.remove()
+        output_dtype = ", ".join(sorted(d.removeprefix("torch.") for d in dtypes))
+        conv_weight = next(p for p in nets["scse"].parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+        weights_channels_last = conv_weight.is_contiguous(memory_format=torch.channels_last)
 
         def postprocess() -> None:
             post({**sample, "pred": pred[0].float().cpu()})
@@ -126,6 +134,8 @@ def run(quick: bool = False, amp: bool | None = None, channels_last: bool | None
         "device": str(device),
         "amp": amp,
         "channels_last": channels_last,
+        "weights_channels_last": weights_channels_last,
+        "network_output_dtype": output_dtype,
         "volume": f"{shape[0]}x{shape[1]}x{shape[2]} @ {SPACING} mm",
         "network_input": "x".join(str(v) for v in x.shape[1:]),
         "output_shape": "x".join(map(str, out_shape)),
