@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -194,6 +195,21 @@ def test_onnx_export(cls, spatial_dims):
     assert abs(session.run(None, {"x": x.numpy()})[0] - expected).max() < 1e-5
 
 
+@contextlib.contextmanager
+def _recording_storage_reuse(blocks):
+    """Yields a list that gets, per SE block call, whether the block's output shares its input's storage."""
+    reused: list[bool] = []
+    hooks = [
+        b.register_forward_hook(lambda m, args, out: reused.append(out.data_ptr() == args[0].data_ptr()))
+        for b in blocks
+    ]
+    try:
+        yield reused
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @pytest.mark.parametrize("cls", NETS)
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("se,aggregation", SE_CONFIGS[1:])
@@ -206,8 +222,9 @@ def test_inference_writes_se_blocks_over_stage_outputs_only(cls, spatial_dims, s
     assert all(b.inplace == (aggregation != "concat") for b in blocks)
     x = torch.randn(SHAPES[spatial_dims])
     y = x.clone()
-    with torch.no_grad():
+    with torch.no_grad(), _recording_storage_reuse(blocks) as reused:
         got = net(y)
+    assert reused == [aggregation != "concat"] * len(blocks)  # every block wrote over its input (not concat)
     assert torch.equal(y, x)
     assert torch.allclose(got, net(x), atol=1e-6)
     for b in blocks:
@@ -225,7 +242,9 @@ def test_inplace_blocks_under_autocast_in_channels_last(aggregation):
     x = torch.randn(2, 1, 32, 32).to(memory_format=torch.channels_last)
     y = x.clone()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got = net(y)
+        with _recording_storage_reuse(se_blocks(net)) as reused:
+            got = net(y)
+        assert reused and all(reused)  # the blocks wrote over their inputs under autocast too
         for b in se_blocks(net):
             b.inplace = False
         expected = net(x)
