@@ -10,7 +10,7 @@ over interleaved repetitions (the order rotates each repetition). Each repetitio
 candidate, its time over the plain network's time in the same repetition (adjacent in time, so load that comes
 and goes cancels). The reported ratio is the median of the paired ratios pooled over all sessions of an
 allocator setting; each session's own median ratio is listed too (``session_ratios``). Several sessions, because
-each process places its tensors differently and that alone moved single-process ratios by 2-3 %.
+each process places its tensors differently: two identical networks timed in one process differed by up to 3 %.
 
 A control candidate, ``none (copy)``, is a second plain U-Net with the same weights: its ratio to ``none`` would be
 1.000 on a quiet machine, so how far it lands from 1 is the measurement's own resolution (``control_ratio_*``).
@@ -57,7 +57,7 @@ BLOCKS_ALONE = "scse_blocks_alone"
 KEEP_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 DEFAULT_ALLOCATOR = "default"
 KEEP_MEMORY_ALLOCATOR = "glibc, freed memory kept"
-#: sessions per allocator setting (a full run: about 80 s each on 2 cores)
+#: sessions per allocator setting (a full session: about 2 minutes on 2 cores)
 SESSIONS = 2
 
 
@@ -126,12 +126,14 @@ def _session_in_child(quick: bool, allocator: str, env: dict[str, str]) -> dict:
     session = json.loads(child.stdout.rsplit("RESULT ", 1)[1])
     for mode in MODES:
         times = session["times"][mode]
-        ratio, control = (
-            statistics.median(times[k]["wall_s"]) / statistics.median(times["none"]["wall_s"])
-            for k in ("scse", CONTROL)
-        )
+        ratio, control = _session_ratio(times, "scse"), _session_ratio(times, CONTROL)
         print(f"  networks [{allocator}] session: {mode:9s} scse/none {ratio:5.3f}  control {control:5.3f}", flush=True)
     return session
+
+
+def _session_ratio(times: dict, name: str) -> float:
+    """One session's ratio ``name / none``: its median time over the plain network's median time."""
+    return statistics.median(times[name]["wall_s"]) / statistics.median(times["none"]["wall_s"])
 
 
 def _paired(session_times: list[dict], name: str, key: str = "wall_s") -> list[float]:
@@ -154,10 +156,7 @@ def _summarize(sessions: list[dict], allocator: str) -> tuple[list[dict], dict]:
                     "se": name,
                     "median_ms": round(statistics.median(wall) * 1e3, 1),
                     "ratio_vs_none": round(ratio, 3),
-                    "session_ratios": ", ".join(
-                        f"{statistics.median(t[name]['wall_s']) / statistics.median(t['none']['wall_s']):.3f}"
-                        for t in per_session
-                    ),
+                    "session_ratios": ", ".join(f"{_session_ratio(t, name):.3f}" for t in per_session),
                     "cpu_ratio_vs_none": round(statistics.median(_paired(per_session, name, "cpu_s")), 3),
                 }
             )
@@ -235,8 +234,8 @@ def measure_session(quick: bool = False) -> dict:
         candidates: the SE variants (``"none"``, ``"cse"``, ``"sse"``, ``"scse"``), the control and the scSE
         blocks alone.
     """
-    # one session takes about 80 s on 2 cores: 9 interleaved repetitions for inference, 7 for the (about 3x slower)
-    # training step, one warm-up each. On the 2-core VM single steps scatter by 5-10 %.
+    # one session takes about 2 minutes on 2 cores: 9 interleaved repetitions for inference, 7 for the (about 3x
+    # slower) training step, one warm-up each. On the 2-core VM single steps scatter by 5-10 %.
     features, shape = (16, (2, 1, 64, 64)) if quick else (64, (4, 1, 128, 128))
     repeats = {"inference": 3, "training": 2} if quick else {"inference": 9, "training": 7}
     torch.manual_seed(0)
