@@ -13,9 +13,9 @@ TEST_DEPS := setup
 SHARED ?= ../shared/data
 PREPARED ?= prepared
 
-.PHONY: setup test demo bench lint clean prepare-samples
+.PHONY: setup test demo bench lint clean prepare-samples wheel
 
-setup: $(VENV)/.installed $(VENV)/.kernels
+setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml mk/pip-install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,12 +23,6 @@ $(VENV)/.installed: pyproject.toml mk/pip-install
 	$(PIP_INSTALL) $(BIN)/python -q $(TORCH)
 	$(PIP_INSTALL) $(BIN)/python -q -e ".[dev]"
 	touch $@
-
-# The optional compiled CPU kernels of the scSE block (scse_monai/cpu_kernels.py), cached per source and torch
-# version. Without a C++ compiler the blocks use their PyTorch path: a failed build is reported, not fatal.
-$(VENV)/.kernels: $(VENV)/.installed scse_monai/csrc/scse_cpu.cpp scse_monai/cpu_kernels.py
-	if $(BIN)/python -m scse_monai.cpu_kernels build; then touch $@; \
-	else echo "warning: scSE CPU kernels not built; the blocks use their PyTorch path"; fi
 
 -include mk/*.mk
 
@@ -38,6 +32,10 @@ test: $(TEST_DEPS)
 
 demo: setup
 	$(BIN)/python -m scse_monai.demo
+
+# sdist + wheel of scse-monai (PEP 517 build in an isolated environment) into dist/
+wheel: $(VENV)/.installed
+	$(BIN)/python -m build --sdist --wheel --outdir dist .
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
@@ -55,4 +53,4 @@ lint: setup
 	$(BIN)/python -m ruff format --check scse_monai tests benchmarks
 
 clean:
-	rm -rf $(VENV) .venv-label .venv-deploy .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-label .venv-deploy .pytest_cache build dist *.egg-info

@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = set_threads(args.threads)
     report = {
         "meta": {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
