@@ -1,45 +1,89 @@
 """Small functions the bundle configs call: find the dataset, split it by patient-level fold, list inputs.
 
 The bundle's JSON configs stay declarative; what a JSON expression cannot say clearly (error messages that
-name the missing file, the synthetic fallback, fold selection) lives here.
+name the missing file, opt-in synthetic data, fold selection) lives here.
+
+Datalists: a folder prepared by ``python -m scse_monai.data prepare`` (``datalist.json`` with ``patient``,
+``fold`` and ``class_voxel_counts``) or a plain MONAI / Medical Segmentation Decathlon task folder
+(``dataset.json`` whose ``training`` list holds ``{"image", "label"}`` pairs). For the latter the folds are a
+seeded split by patient (the case name stands for the patient), and :func:`class_voxel_counts` counts the
+label voxels when a loss asks for them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["class_names", "inference_data", "partition", "resolve_datalist"]
+__all__ = [
+    "DATALIST_NAMES",
+    "check_inference_input",
+    "class_names",
+    "class_voxel_counts",
+    "inference_data",
+    "partition",
+    "resolve_datalist",
+]
+
+logger = logging.getLogger(__name__)
+
+#: file names looked for in ``dataset_dir``, in this order
+DATALIST_NAMES = ("datalist.json", "dataset.json")
+
+_SUFFIX = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd)$", re.IGNORECASE)
 
 
-def resolve_datalist(dataset_dir: str, synthetic_if_missing: bool = True) -> str:
-    """Returns ``dataset_dir/datalist.json``, generating the synthetic CHAOS-MR set there on first use.
+def _fail(message: str) -> None:
+    """Raise ``FileNotFoundError(message)``; under ``python -m monai.bundle`` end the program with that one line.
+
+    MONAI wraps an error raised inside a config expression in a ``RuntimeError`` with two tracebacks. A user of
+    the command line gets ``error: <message>`` and exit code 1 instead; library callers (ConfigWorkflow, MONAI
+    Label) get the exception.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name in ("monai.bundle.__main__", "monai.bundle"):
+        raise SystemExit(f"error: {message}")
+    raise FileNotFoundError(message)
+
+
+def resolve_datalist(dataset_dir: str, synthetic_if_missing: bool = False) -> str:
+    """Returns the datalist of ``dataset_dir``: its ``datalist.json``, else its ``dataset.json``.
 
     Args:
-        dataset_dir: a folder prepared by ``python -m scse_monai.data prepare ...``.
-        synthetic_if_missing: when ``dataset_dir`` is empty or absent, synthesize and prepare a small CHAOS-MR
-            phantom set into it (offline). A non-empty folder without ``datalist.json`` is never written to.
+        dataset_dir: a folder prepared by ``python -m scse_monai.data prepare ...``, a decathlon-style task folder
+            with ``dataset.json``, or a datalist JSON file itself.
+        synthetic_if_missing: only when asked (``configs/datasets/synthetic.json`` sets it): if ``dataset_dir`` is
+            empty or absent, synthesize and prepare a small CHAOS-MR phantom set into it (offline). A non-empty
+            folder without a datalist is never written to.
 
     Raises:
-        FileNotFoundError: no datalist, and synthesis is off or the folder already holds other files.
+        FileNotFoundError: no datalist (one line naming the folder and what to pass); under
+            ``python -m monai.bundle`` the program ends with that line instead (see :func:`_fail`).
 
     Example::
 
-        >>> resolve_datalist("bundle/data/synthetic_chaos_mr")
-        'bundle/data/synthetic_chaos_mr/datalist.json'
+        >>> resolve_datalist("prepared/chaos_mr_t2")
+        'prepared/chaos_mr_t2/datalist.json'
     """
     root = Path(dataset_dir)
-    datalist = root / "datalist.json"
-    if datalist.is_file():
-        return str(datalist)
+    if root.is_file() and root.suffix == ".json":
+        return str(root)
+    for name in DATALIST_NAMES:
+        if (root / name).is_file():
+            return str(root / name)
+    hint = (
+        "pass --dataset_dir DIR: a folder prepared by `python -m scse_monai.data prepare`, or a decathlon-style "
+        "folder with dataset.json (training: [{image, label}])"
+    )
     if not synthetic_if_missing:
-        raise FileNotFoundError(
-            f"dataset_dir {root}: no datalist.json. Prepare the data first, e.g. "
-            f"`python -m scse_monai.data prepare chaos --root Train_Sets --task mr-t2spir --out {root}`."
-        )
+        state = "does not exist" if not root.exists() else "has no datalist.json or dataset.json"
+        _fail(f"dataset_dir {root} {state}; {hint}")
     if root.is_dir() and any(p.name != ".lock" and not p.name.startswith(".") for p in root.iterdir()):
-        raise FileNotFoundError(
+        _fail(
             f"dataset_dir {root} holds files but no datalist.json; refusing to write synthetic data into it. "
             "Give an empty folder, or a folder prepared by `python -m scse_monai.data prepare`."
         )
@@ -58,13 +102,36 @@ def _load(datalist_file: str) -> dict:
         raise ValueError(f"datalist {path} is not valid JSON: {e}") from None
 
 
-def partition(datalist_file: str, part: str = "train", val_folds: Sequence[int] = (0,)) -> list[dict]:
-    """Items of a prepared datalist with absolute paths, split by patient-level fold.
+def _case_name(image: str) -> str:
+    return _SUFFIX.sub("", Path(str(image)).name)
+
+
+def _with_folds(entries: list[dict], datalist_file: str, folds: int, seed: int) -> list[dict]:
+    """``entries`` as they are when every one has a ``fold``; else a seeded patient-level split into folds."""
+    if entries and all("fold" in e for e in entries):
+        return entries
+    from scse_monai.data.datalist import assign_folds
+
+    patient = [str(e.get("patient") or _case_name(e["image"])) for e in entries]
+    n = len(set(patient))
+    k = max(1, min(int(folds), n))
+    fold_of = assign_folds(patient, k, seed) if n else {}
+    logger.info(f"datalist {datalist_file} has no folds: {n} patients split into {k} folds by patient (seed {seed})")
+    return [{**e, "patient": p, "fold": fold_of[p]} for e, p in zip(entries, patient, strict=True)]
+
+
+def partition(
+    datalist_file: str, part: str = "train", val_folds: Sequence[int] = (0,), folds: int = 5, seed: int = 0
+) -> list[dict]:
+    """Items of a datalist with absolute paths, split by patient-level fold.
 
     Args:
-        datalist_file: ``datalist.json`` written by ``scse_monai.data prepare``.
+        datalist_file: ``datalist.json`` written by ``scse_monai.data prepare``, or a decathlon ``dataset.json``.
         part: ``"train"`` (folds not in ``val_folds``), ``"val"`` (folds in ``val_folds``) or ``"all"``.
         val_folds: folds held out for validation.
+        folds: only for a datalist without ``fold`` keys: the number of folds of the seeded patient-level split
+            (at most the number of patients; the case name stands for the patient when there is no ``patient``).
+        seed: only for a datalist without ``fold`` keys: the split's seed.
 
     Returns:
         ``[{"image": ..., "label": ..., "patient": ..., "fold": ...}, ...]``.
@@ -81,7 +148,7 @@ def partition(datalist_file: str, part: str = "train", val_folds: Sequence[int] 
     meta = _load(datalist_file)
     base = Path(datalist_file).resolve().parent
     held_out = {int(f) for f in val_folds}
-    entries = meta.get("training", [])
+    entries = _with_folds(list(meta.get("training", [])), datalist_file, folds, seed)
     # a patient split across folds would leak slices of one patient into both sides
     folds_of: dict[str, set[int]] = {}
     for entry in entries:
@@ -117,6 +184,63 @@ def class_names(datalist_file: str, include_background: bool = False) -> list[st
     labels = _load(datalist_file).get("labels", {})
     names = [labels[k] for k in sorted(labels, key=int)]
     return names if include_background else names[1:]
+
+
+def class_voxel_counts(datalist_file: str, num_classes: int | None = None) -> dict[str, int]:
+    """Voxel count of each class over the datalist's training labels: ``class_voxel_counts`` when it is there,
+    else counted now from the label files (a plain decathlon ``dataset.json``).
+
+    Args:
+        datalist_file: the datalist.
+        num_classes: classes to count; default: the size of the datalist's ``labels`` map, else the largest
+            label value found plus one.
+
+    Returns:
+        ``{"0": count, "1": count, ...}``.
+
+    Example::
+
+        >>> class_voxel_counts("Task09_Spleen/dataset.json")  # doctest: +SKIP
+        {'0': 97652433, '1': 310254}
+    """
+    meta = _load(datalist_file)
+    if meta.get("class_voxel_counts"):
+        return {str(k): int(v) for k, v in meta["class_voxel_counts"].items()}
+    import nibabel as nib
+    import numpy as np
+
+    base = Path(datalist_file).resolve().parent
+    n = num_classes or len(meta.get("labels", {})) or 0
+    total = np.zeros(max(n, 1), dtype=np.int64)
+    for entry in meta.get("training", []):
+        if "label" not in entry:
+            continue
+        label = np.asarray(nib.load(str(base / entry["label"])).dataobj).astype(np.int64).ravel()
+        counts = np.bincount(label, minlength=len(total))
+        if len(counts) > len(total):
+            total = np.pad(total, (0, len(counts) - len(total)))
+        total += counts
+    if num_classes:
+        total = total[:num_classes]
+    logger.info(f"datalist {datalist_file} has no class_voxel_counts: counted {len(total)} classes from its labels")
+    return {str(k): int(v) for k, v in enumerate(total)}
+
+
+def check_inference_input(dataset_dir: str) -> None:
+    """Fail in one line when ``dataset_dir`` holds nothing :func:`inference_data` can segment.
+
+    ``inference.json`` runs this first in ``run`` (not while the workflow is created), so that creating the
+    workflow and ``check_properties()`` work without data, as model-zoo's CI and MONAI Label do them.
+    """
+    if not Path(dataset_dir).exists():
+        _fail(
+            f"dataset_dir {dataset_dir} does not exist; pass --dataset_dir DIR (imagesTs/ or imagesTr/ with NIfTI "
+            "volumes) or --dataset_dir FILE.nii.gz"
+        )
+    try:
+        inference_data(dataset_dir)
+    except FileNotFoundError as e:
+        _fail(str(e))
 
 
 def inference_data(dataset_dir: str) -> list[dict]:

@@ -94,7 +94,9 @@ def weights_from_datalist(path: str | os.PathLike | Mapping[str, Any]) -> list[f
     """Median frequency weights from a datalist's ``"class_voxel_counts"``.
 
     Args:
-        path: ``datalist.json`` path (as written by ``scse_monai.data``), or its already loaded content.
+        path: ``datalist.json`` path (as written by ``scse_monai.data``), or its already loaded content. A datalist
+            file without ``"class_voxel_counts"`` (a plain decathlon ``dataset.json``) has its training labels
+            counted now (:func:`scse_monai.bundle_support.class_voxel_counts`).
 
     Returns:
         one weight per class, see :func:`median_frequency_weights`.
@@ -109,6 +111,11 @@ def weights_from_datalist(path: str | os.PathLike | Mapping[str, Any]) -> list[f
     """
     doc, where = _read_datalist(path)
     counts = doc.get("class_voxel_counts") if isinstance(doc, Mapping) else None
+    if counts is None and not isinstance(path, Mapping):
+        # a plain decathlon dataset.json: count the voxels of its training labels now
+        from scse_monai.bundle_support import class_voxel_counts
+
+        counts = class_voxel_counts(os.fspath(path))
     if counts is None:
         raise ValueError(f"{where} has no 'class_voxel_counts' (re-prepare the dataset with scse_monai.data).")
     try:

@@ -285,7 +285,7 @@ def prepare_chaos(
     pids = sorted((p.name for p in (root / spec.folder).iterdir() if p.is_dir()), key=lambda s: (len(s), s))
     if not pids:
         raise DataPreparationError("no patient folders", file=root / spec.folder)
-    check_folds(len(pids), folds)
+    folds = check_folds(len(pids), folds)
     check_out_dir(out, f"CHAOS {task}")
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,22 @@ from .errors import DataPreparationError
 __all__ = ["assign_folds", "count_classes", "write_datalist", "save_nifti_atomic", "atomic_replace_all"]
 
 
-def check_folds(n_patients: int, folds: int) -> None:
-    """Raise :class:`DataPreparationError` unless ``1 <= folds <= n_patients`` (checked before any work)."""
-    if not 1 <= folds <= n_patients:
-        raise DataPreparationError(
-            f"--folds {folds} needs 1 <= folds <= number of patients ({n_patients}); pass e.g. --folds {n_patients}"
-        )
+def check_folds(n_patients: int, folds: int) -> int:
+    """The number of folds to use (checked before any work): ``folds``, or ``n_patients`` when there are fewer.
+
+    Fewer patients than ``--folds`` (a handful of test patients) gives one patient per fold, said on stderr.
+
+    Raises:
+        DataPreparationError: ``folds < 1`` or no patients.
+    """
+    if folds < 1 or n_patients < 1:
+        raise DataPreparationError(f"--folds {folds} needs folds >= 1 and at least one patient (found {n_patients})")
+    if folds > n_patients:
+        import sys
+
+        print(f"note: --folds {folds} but {n_patients} patients: using {n_patients} folds", file=sys.stderr)
+        return n_patients
+    return folds
 
 
 def check_out_dir(out: Path, name: str) -> None:

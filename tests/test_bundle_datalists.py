@@ -1,0 +1,97 @@
+"""What the bundle does with the data it is given: plain decathlon datalists, missing data, few patients."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from scse_monai.bundle_support import class_names, class_voxel_counts, partition, resolve_datalist
+from scse_monai.losses import weights_from_datalist
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+
+
+def write_decathlon(root: Path, cases: int = 5, shape=(12, 10, 3), seed: int = 0) -> Path:
+    """A plain decathlon task folder: ``dataset.json`` with ``training: [{image, label}]`` and nothing else."""
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for i in range(cases):
+        name = f"case_{i:02d}.nii.gz"
+        label = rng.integers(0, 3, size=shape).astype(np.uint8)
+        nib.save(nib.Nifti1Image(rng.random(shape).astype(np.float32), np.eye(4)), root / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    doc = {"name": "toy", "labels": {"0": "background", "1": "liver", "2": "spleen"}, "training": training}
+    (root / "dataset.json").write_text(json.dumps(doc))
+    return root / "dataset.json"
+
+
+def test_a_plain_decathlon_datalist_is_split_by_a_seeded_patient_level_fold(tmp_path: Path) -> None:
+    datalist = write_decathlon(tmp_path / "Task01_Toy")
+    assert resolve_datalist(str(tmp_path / "Task01_Toy")) == str(datalist)
+    train = partition(str(datalist), "train", [0])
+    val = partition(str(datalist), "val", [0])
+    assert len(val) == 1 and len(train) == 4  # 5 cases, one patient per fold
+    assert {Path(i["image"]).name for i in train + val} == {f"case_{i:02d}.nii.gz" for i in range(5)}
+    assert all(Path(i["image"]).is_absolute() and Path(i["label"]).is_file() for i in train + val)
+    assert {i["patient"] for i in val}.isdisjoint(i["patient"] for i in train)
+    assert partition(str(datalist), "val", [0]) == val  # the same split every time (seed 0)
+    three = partition(str(datalist), "all", [0], folds=3, seed=1)
+    assert sorted(i["fold"] for i in three) == [0, 0, 1, 1, 2]
+    assert class_names(str(datalist)) == ["liver", "spleen"]
+
+
+def test_class_voxel_counts_are_counted_when_the_datalist_has_none(tmp_path: Path) -> None:
+    datalist = write_decathlon(tmp_path / "toy", cases=3)
+    expected = np.zeros(3, dtype=np.int64)
+    for lab in sorted((tmp_path / "toy" / "labelsTr").glob("*.nii.gz")):
+        expected += np.bincount(np.asarray(nib.load(lab).dataobj).ravel(), minlength=3)
+    counts = class_voxel_counts(str(datalist))
+    assert counts == {str(k): int(v) for k, v in enumerate(expected)}
+    weights = weights_from_datalist(str(datalist))  # WeightedDiceCELoss's datalist= path
+    assert len(weights) == 3 and all(w > 0 for w in weights)
+    # a prepared datalist's own counts are used as they are
+    doc = json.loads(datalist.read_text())
+    doc["class_voxel_counts"] = {"0": 10, "1": 5, "2": 5}
+    datalist.write_text(json.dumps(doc))
+    assert class_voxel_counts(str(datalist)) == {"0": 10, "1": 5, "2": 5}
+
+
+def test_prepare_with_fewer_patients_than_folds_uses_one_fold_per_patient(tmp_path: Path, capsys) -> None:
+    from scse_monai.data.cli import main
+    from scse_monai.data.synthetic import synthesize
+
+    raw = synthesize("chaos-mr", tmp_path / "raw", cases=2, seed=0, size=32, slices=(4, 5), progress=False)
+    out = tmp_path / "prepared"
+    args = ["prepare", "chaos", "--root", str(raw), "--task", "mr-t2spir", "--out", str(out), "--workers", "1"]
+    assert main(args) == 0  # the default --folds 5
+    assert "--folds 5 but 2 patients: using 2 folds" in capsys.readouterr().err
+    doc = json.loads((out / "datalist.json").read_text())
+    assert doc["folds"] == 2
+    assert sorted(i["fold"] for i in doc["training"]) == [0, 1]
+
+
+@pytest.mark.slow
+def test_training_without_dataset_dir_fails_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    """From the bundle's own folder, as model-zoo runs it; the default dataset_dir does not exist here."""
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    for name in ("train.json", "metadata.json", "logging.conf"):
+        (bundle / "configs" / name).write_bytes((BUNDLE / "configs" / name).read_bytes())
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json"]
+    cmd += ["--dataset_dir", str(tmp_path / "nowhere")]
+    res = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: dataset_dir ") and "nowhere does not exist" in last and "--dataset_dir" in last
+    assert sorted(p.name for p in bundle.iterdir()) == ["configs"]  # no data/, models/ or eval/ written
+    assert not (tmp_path / "nowhere").exists()
