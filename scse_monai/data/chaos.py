@@ -30,9 +30,15 @@ from tqdm.auto import tqdm
 from .datalist import (
     _tmp_path,
     atomic_replace_all,
+    check_case_names,
     check_folds,
     check_out_dir,
+    clean_stale_tmp,
     count_classes,
+    finite_or_replace,
+    output_stamp,
+    owned_outputs_check,
+    prepare_out_dir,
     save_nifti_atomic,
     write_datalist,
 )
@@ -109,6 +115,13 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+def _check_links(folder: Path, pid: str) -> None:
+    """A dangling or looping symbolic link is an error naming it, not a traceback later."""
+    for p in folder.iterdir():
+        if p.is_symlink() and not p.exists():
+            raise DataPreparationError("broken or looping symbolic link", pid, p)
+
+
 def _pair_masks(task: _Task, vol: DicomVolume, ground: Path, pid: str, strict_names: bool = True) -> list[Path]:
     """Mask file for each slice of ``vol`` (in slice order), paired by file-name index."""
     masks = {_slice_key(task, p.name): p for p in _files(ground) if p.suffix.lower() == ".png"}
@@ -142,6 +155,8 @@ def _patient_paths(root: Path, task: _Task, pid: str) -> tuple[Path, list[Path],
     ground = base / "Ground"
     if not ground.is_dir():
         raise DataPreparationError("missing Ground folder", pid, ground)
+    for folder in (*series, ground):
+        _check_links(folder, pid)
     return base, series, ground
 
 
@@ -162,7 +177,9 @@ def input_signature(folders: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _prepare_patient(root: Path, task_name: str, pid: str, out: Path) -> tuple[dict, list[int], bool]:
+def _prepare_patient(
+    root: Path, task_name: str, pid: str, out: Path, replace_nonfinite: bool = False
+) -> tuple[dict, list[int], bool]:
     """Prepare one patient; returns (datalist item, class counts, skipped-because-up-to-date)."""
     task = CHAOS_TASKS[task_name]
     case = case_name(task_name, pid)
@@ -171,9 +188,11 @@ def _prepare_patient(root: Path, task_name: str, pid: str, out: Path) -> tuple[d
     _, series, ground = _patient_paths(root, task, pid)
     side = out / "labelsTr" / f".{case}.json"  # input signature and class counts of the written case
     signature = input_signature([*series, ground])
+    owned_outputs_check([img_path, lab_path], side, pid)
     if img_path.exists() and lab_path.exists() and side.exists():
         info = json.loads(side.read_text())
-        if info.get("inputs") == signature and info.get("task") == task_name:
+        fresh = info.get("inputs") == signature and info.get("task") == task_name
+        if fresh and info.get("replace_nonfinite", False) == replace_nonfinite:
             return item, info["counts"], True
 
     vols = [read_dicom_series(_files(s), patient=pid) for s in series]
@@ -197,15 +216,17 @@ def _prepare_patient(root: Path, task_name: str, pid: str, out: Path) -> tuple[d
             raise DataPreparationError(f"mask shape {m.shape} differs from DICOM Rows x Columns {(rows, cols)}", pid, f)
         slices.append(gray_to_class(m, task.gray, pid, f).T)
     label = np.stack(slices, axis=-1).astype(np.uint8)
+    image, replaced = finite_or_replace(image, replace_nonfinite, pid, series[0])
 
     tmps = []
     try:
         tmps.append((save_nifti_atomic(image, affine, img_path), img_path))
         tmps.append((save_nifti_atomic(label, affine, lab_path), lab_path))
         counts = count_classes(label, len(task.labels))
-        tmp = _tmp_path(side)
-        tmp.write_text(json.dumps({"task": task_name, "inputs": signature, "counts": counts}))
-        tmps.append((tmp, side))
+        info = {"task": task_name, "inputs": signature, "counts": counts, "outputs": output_stamp(tmps)}
+        info.update(replace_nonfinite=replace_nonfinite, nonfinite_replaced=replaced)
+        tmps.append((_tmp_path(side), side))
+        tmps[-1][0].write_text(json.dumps(info))
         atomic_replace_all(tmps)
     finally:
         for tmp, _ in tmps:
@@ -253,6 +274,7 @@ def prepare_chaos(
     seed: int = 0,
     workers: int = 2,
     progress: bool = True,
+    replace_nonfinite: bool = False,
 ) -> Path:
     """Convert a CHAOS ``Train_Sets`` folder into ``OUT/imagesTr``, ``OUT/labelsTr`` and ``OUT/datalist.json``.
 
@@ -267,12 +289,16 @@ def prepare_chaos(
         seed: fold shuffle seed.
         workers: parallel processes (one patient per process).
         progress: show a progress bar.
+        replace_nonfinite: replace NaN/inf voxels by the image's smallest finite value instead of rejecting the
+            patient.
 
     Returns:
         path of ``OUT/datalist.json``.
 
     Raises:
         DataPreparationError: bad input; names the patient and file. Nothing partial is left for that patient.
+            Also: two patient folders with one case name (``1`` and ``01``), ``out`` inside ``root``, or an output
+            file that an earlier ``prepare`` did not write.
 
     Example:
         >>> prepare_chaos("CHAOS/Train_Sets", "mr-t2spir", "prepared/chaos_mr_t2")  # doctest: +SKIP
@@ -285,11 +311,12 @@ def prepare_chaos(
     pids = sorted((p.name for p in (root / spec.folder).iterdir() if p.is_dir()), key=lambda s: (len(s), s))
     if not pids:
         raise DataPreparationError("no patient folders", file=root / spec.folder)
+    check_case_names({str(root / spec.folder / pid): case_name(task, pid) for pid in pids})
     folds = check_folds(len(pids), folds)
+    prepare_out_dir(root, out)
     check_out_dir(out, f"CHAOS {task}")
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    jobs = [(root, task, pid, out) for pid in pids]
+    clean_stale_tmp(out)
+    jobs = [(root, task, pid, out, replace_nonfinite) for pid in pids]
     results = run_patients(_prepare_patient, jobs, workers, f"prepare chaos {task}", progress)
     items = [r[0] for r in results]
     counts = {r[0]["image"]: r[1] for r in results}

@@ -1,4 +1,7 @@
-"""``python -m scse_monai.data {prepare,synthesize,preview}``: expected errors -> one line on stderr, exit 2."""
+"""``python -m scse_monai.data {prepare,synthesize,preview}``: one line on stderr for every expected failure.
+
+Bad input exits with code 2; a failing disk or file system (full, read-only) with code 1. No traceback either way.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--folds", type=int, default=5, help="number of patient-level folds (default 5)")
         q.add_argument("--seed", type=int, default=0, help="fold shuffle seed (default 0)")
         q.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+        q.add_argument(
+            "--replace-nonfinite",
+            action="store_true",
+            help="replace NaN/inf voxels by the image's smallest finite value (default: reject the case)",
+        )
         if name == "chaos":
             q.add_argument("--task", required=True, choices=["ct-liver", "mr-t2spir", "mr-t1dual"])
         else:
@@ -59,13 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "prepare" and args.dataset == "chaos":
             from .chaos import prepare_chaos
 
-            path = prepare_chaos(args.root, args.task, args.out, folds=args.folds, seed=args.seed, workers=args.workers)
+            path = prepare_chaos(
+                args.root, args.task, args.out, folds=args.folds, seed=args.seed, workers=args.workers,
+                replace_nonfinite=args.replace_nonfinite,
+            )  # fmt: skip
         elif args.command == "prepare":
             from .visceral import prepare_visceral
 
             path = prepare_visceral(
-                args.root, args.out, organs=args.organs, folds=args.folds, seed=args.seed, workers=args.workers
-            )
+                args.root, args.out, organs=args.organs, folds=args.folds, seed=args.seed, workers=args.workers,
+                replace_nonfinite=args.replace_nonfinite,
+            )  # fmt: skip
         elif args.command == "synthesize":
             from .synthetic import synthesize
 
@@ -80,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataPreparationError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # full disk, read-only or vanished folder while writing
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

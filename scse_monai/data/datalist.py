@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -13,7 +15,22 @@ import numpy as np
 from ..atomic import write_text_atomic
 from .errors import DataPreparationError
 
-__all__ = ["assign_folds", "count_classes", "write_datalist", "save_nifti_atomic", "atomic_replace_all"]
+__all__ = [
+    "assign_folds",
+    "atomic_replace_all",
+    "check_case_names",
+    "check_out_dir",
+    "clean_stale_tmp",
+    "count_classes",
+    "finite_or_replace",
+    "owned_outputs_check",
+    "output_stamp",
+    "prepare_out_dir",
+    "save_nifti_atomic",
+    "write_datalist",
+]
+
+_TMP_RE = re.compile(r"^\.tmp-(\d+)-")
 
 
 def check_folds(n_patients: int, folds: int) -> int:
@@ -46,6 +63,165 @@ def check_out_dir(out: Path, name: str) -> None:
             raise DataPreparationError(
                 f"holds a different prepared dataset ({old!r}, not {name!r}); choose another --out", file=path
             )
+
+
+def prepare_out_dir(root: Path, out: Path) -> None:
+    """Check ``--out`` before any work: not inside ``--root``, not a file, writable; create its sub-folders.
+
+    Raises:
+        DataPreparationError: naming ``--out`` and what is wrong with it.
+    """
+    root_r, out_r = Path(root).resolve(), Path(out).resolve()
+    if out_r == root_r or root_r in out_r.parents:
+        raise DataPreparationError(
+            f"--out is inside --root {root}; the next run would read its own outputs as input", file=out
+        )
+    if out_r.exists() and not out_r.is_dir():
+        raise DataPreparationError("--out exists and is not a folder", file=out)
+    try:
+        for sub in ("imagesTr", "labelsTr"):
+            (out_r / sub).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=out_r / "labelsTr")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise DataPreparationError(f"--out is not writable ({e.strerror})", file=out) from None
+
+
+def clean_stale_tmp(out: Path) -> list[Path]:
+    """Remove temporary files that an earlier, killed or failed ``prepare`` left in ``out``.
+
+    Only this package's own names are touched: ``imagesTr``/``labelsTr`` ``.tmp-<pid>-*`` files whose process is
+    gone, and ``.datalist.json.*.tmp``.
+
+    Returns:
+        the removed paths.
+    """
+    out = Path(out)
+    stale = [p for p in out.glob(".datalist.json.*.tmp") if p.is_file()]
+    for sub in ("imagesTr", "labelsTr"):
+        for p in (out / sub).glob(".tmp-*"):
+            m = _TMP_RE.match(p.name)
+            if m and p.is_file() and not _process_alive(int(m.group(1))):
+                stale.append(p)
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own pid: left by an earlier process that had the same id
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_case_names(inputs: Mapping[str, str]) -> None:
+    """Raise if two inputs map to one case name (one would overwrite the other and land in two folds).
+
+    Args:
+        inputs: input (patient folder or file, as the user sees it) -> case name.
+
+    Raises:
+        DataPreparationError: naming both inputs and the case.
+    """
+    seen: dict[str, str] = {}
+    for source, case in inputs.items():
+        if case in seen:
+            raise DataPreparationError(
+                f"{seen[case]} and {source} both map to case {case}; rename one of them", file=source
+            )
+        seen[case] = source
+
+
+def finite_or_replace(array: np.ndarray, replace: bool, patient: str, file: Path) -> tuple[np.ndarray, int]:
+    """Check that an image has only finite voxels, or replace NaN/inf by the smallest finite value.
+
+    Args:
+        array: the image.
+        replace: replace non-finite voxels instead of rejecting the case.
+        patient: patient / case id for the message.
+        file: the input file for the message.
+
+    Returns:
+        the (possibly repaired) array and the number of voxels replaced.
+
+    Raises:
+        DataPreparationError: non-finite voxels and ``replace`` is false, or no finite voxel at all.
+    """
+    if not np.issubdtype(array.dtype, np.floating):
+        return array, 0
+    bad = ~np.isfinite(array)
+    n = int(bad.sum())
+    if not n:
+        return array, 0
+    if not replace:
+        raise DataPreparationError(
+            f"{n} non-finite voxels (NaN/inf) in the image; fix the file or pass --replace-nonfinite", patient, file
+        )
+    if n == array.size:
+        raise DataPreparationError("the image has no finite voxel at all", patient, file)
+    fixed = np.array(array, copy=True)
+    fixed[bad] = array[~bad].min()
+    return fixed, n
+
+
+def output_stamp(pairs: Iterable[tuple[Path, Path]]) -> dict[str, list[int]]:
+    """``{"imagesTr/<name>": [size, mtime_ns]}`` of written ``(tmp, final)`` files (a rename keeps both).
+
+    Kept in the case's side file so that a later run recognises its own outputs.
+    """
+    out = {}
+    for tmp, final in pairs:
+        st = Path(tmp).stat()
+        out[_rel(final)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _rel(path: Path) -> str:
+    return f"{Path(path).parent.name}/{Path(path).name}"
+
+
+def owned_outputs_check(outputs: Sequence[Path], side: Path, patient: str) -> None:
+    """Refuse to overwrite an output file that ``prepare`` did not write.
+
+    A case's outputs are ours when its side file (``labelsTr/.<case>.json``) exists and, if it recorded them, the
+    files still have the recorded size and modification time.
+
+    Raises:
+        DataPreparationError: naming the file that would be overwritten.
+    """
+    existing = [p for p in outputs if p.exists() or p.is_symlink()]
+    if not existing:
+        return
+    info = {}
+    if side.is_file():
+        try:
+            info = json.loads(side.read_text())
+        except (OSError, ValueError):
+            info = {}
+    recorded = info.get("outputs")
+    for p in existing:
+        ours = bool(info) and (recorded is None or _matches_stamp(p, recorded.get(_rel(p))))
+        if not ours:
+            raise DataPreparationError(
+                "exists and was not written by scse_monai prepare; move it away or choose another --out", patient, p
+            )
+
+
+def _matches_stamp(path: Path, stamp: Sequence[int] | None) -> bool:
+    if stamp is None:
+        return False
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return [st.st_size, st.st_mtime_ns] == list(stamp)
 
 
 def assign_folds(patients: Sequence[str], folds: int, seed: int = 0) -> dict[str, int]:
@@ -91,7 +267,11 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> Path
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     tmp = _tmp_path(path)
-    nib.save(img, tmp)
+    try:
+        nib.save(img, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial temporary file behind
+        raise
     return tmp
 
 
@@ -99,6 +279,18 @@ def atomic_replace_all(pairs: Iterable[tuple[Path, Path]]) -> None:
     """``os.replace(tmp, final)`` for each ``(tmp, final)`` pair."""
     for tmp, final in pairs:
         os.replace(tmp, final)
+
+
+def _check_unique(items: Sequence[Mapping]) -> None:
+    # one file once, and every case of one patient under one patient id (hence in one fold)
+    for key in ("image", "label"):
+        seen: dict[str, Mapping] = {}
+        for it in items:
+            if it[key] in seen:
+                raise DataPreparationError(
+                    f"patients {seen[it[key]]['patient']} and {it['patient']} both map to {it[key]}", file=it[key]
+                )
+            seen[it[key]] = it
 
 
 def write_json_atomic(obj: object, path: Path) -> None:
@@ -134,6 +326,7 @@ def write_datalist(
     Returns:
         the datalist path.
     """
+    _check_unique(items)
     fold_of = assign_folds([it["patient"] for it in items], folds, seed)
     training = [{**it, "fold": fold_of[it["patient"]]} for it in sorted(items, key=lambda it: it["image"])]
     total = np.zeros(len(labels), dtype=np.int64)

@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 
 from .errors import DataPreparationError
 
-__all__ = ["DicomVolume", "read_dicom_series", "LPS_TO_RAS"]
+__all__ = ["DicomVolume", "read_dicom_series", "check_series_geometry", "LPS_TO_RAS"]
 
 #: Flip of the first two world axes: DICOM patient coordinates are LPS, NIfTI/nibabel/MONAI world is RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -56,9 +56,9 @@ class DicomVolume:
     columns: int
 
 
-def _read_header_and_pixels(path: Path, patient: str | None) -> pydicom.Dataset:
+def _read_header_and_pixels(path: Path, patient: str | None, pixels: bool = True) -> pydicom.Dataset:
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
     except InvalidDicomError as e:
         raise DataPreparationError(f"not a DICOM file ({e})", patient, path) from None
     except Exception as e:  # truncated files raise assorted errors (EOFError, struct.error, ValueError)
@@ -66,7 +66,7 @@ def _read_header_and_pixels(path: Path, patient: str | None) -> pydicom.Dataset:
     for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
         if tag not in ds:
             raise DataPreparationError(f"DICOM file lacks {tag}; cannot place it in space", patient, path)
-    if "PixelData" not in ds:
+    if pixels and "PixelData" not in ds:
         raise DataPreparationError("DICOM file has no pixel data (truncated?)", patient, path)
     return ds
 
@@ -107,67 +107,13 @@ def read_dicom_series(
         >>> vol.array.shape, vol.affine  # doctest: +SKIP
     """
     paths = [Path(f) for f in files]
-    if not paths:
-        raise DataPreparationError("no DICOM files", patient)
     headers = [_read_header_and_pixels(p, patient) for p in paths]
-    first, first_path = headers[0], paths[0]
-
-    for key in ("SeriesInstanceUID",):
-        ref = getattr(first, key, None)
-        for ds, p in zip(headers, paths, strict=True):
-            if getattr(ds, key, None) != ref:
-                raise DataPreparationError(
-                    f"two series mixed in one folder ({key} {getattr(ds, key, None)} differs from {ref} of "
-                    f"{first_path.name})",
-                    patient,
-                    p,
-                )
+    headers, paths, positions, step = _placed_slices(headers, paths, patient)
+    first = headers[0]
     iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
-    spacing = np.asarray(first.PixelSpacing, dtype=np.float64)  # (row spacing dr, column spacing dc)
-    shape = (int(first.Rows), int(first.Columns))
-    for ds, p in zip(headers, paths, strict=True):
-        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), iop, atol=1e-4):
-            raise DataPreparationError(f"ImageOrientationPatient differs from {first_path.name}", patient, p)
-        if not np.allclose(np.asarray(ds.PixelSpacing, dtype=np.float64), spacing, rtol=1e-4):
-            raise DataPreparationError(f"PixelSpacing differs from {first_path.name}", patient, p)
-        if (int(ds.Rows), int(ds.Columns)) != shape:
-            raise DataPreparationError(f"slice size differs from {first_path.name}", patient, p)
-
+    spacing = np.asarray(first.PixelSpacing, dtype=np.float64)
     row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in headers])
-    proj = positions @ normal
-    order = np.argsort(proj, kind="stable")
-    positions, proj = positions[order], proj[order]
-    headers = [headers[k] for k in order]
-    paths = [paths[k] for k in order]
-
-    n = len(paths)
-    if n > 1:
-        gaps = np.diff(proj)
-        dup = int(np.argmin(gaps))
-        if gaps[dup] < _ABS_TOL_MM:
-            raise DataPreparationError(
-                f"two slices at the same position along the slice normal (also {paths[dup].name}); "
-                "duplicate file or two series mixed in one folder",
-                patient,
-                paths[dup + 1],
-            )
-        step = (positions[-1] - positions[0]) / (n - 1)
-        expected = positions[0] + np.arange(n)[:, None] * step
-        dev = np.linalg.norm(positions - expected, axis=1)
-        tol = max(_ABS_TOL_MM, _REL_TOL * float(np.linalg.norm(step)))
-        bad = int(np.argmax(dev))
-        if dev[bad] > tol:
-            raise DataPreparationError(
-                f"non-uniform slice spacing (gaps {np.round(gaps, 3).tolist()} mm); this slice is {dev[bad]:.3f} "
-                "mm off a regular grid",
-                patient,
-                paths[bad],
-            )
-    else:
-        thickness = float(getattr(first, "SpacingBetweenSlices", getattr(first, "SliceThickness", 1.0)) or 1.0)
-        step = normal * thickness
+    shape = (int(first.Rows), int(first.Columns))
 
     modality = str(getattr(first, "Modality", ""))
     to_hu = modality == "CT" if rescale is None else rescale
@@ -188,3 +134,94 @@ def read_dicom_series(
     return DicomVolume(
         array=array, affine=LPS_TO_RAS @ lps, files=paths, modality=modality, rows=shape[0], columns=shape[1]
     )
+
+
+def check_series_geometry(files: Sequence[str | Path], patient: str | None = None) -> list[Path]:
+    """Check, from the headers alone, that files form one volume on a regular grid (no missing slice).
+
+    The same rules as :func:`read_dicom_series`, without decoding pixels.
+
+    Args:
+        files: the files of one series.
+        patient: patient / series name used in error messages.
+
+    Returns:
+        the files in slice order.
+
+    Raises:
+        DataPreparationError: as :func:`read_dicom_series`.
+    """
+    paths = [Path(f) for f in files]
+    headers = [_read_header_and_pixels(p, patient, pixels=False) for p in paths]
+    return _placed_slices(headers, paths, patient)[1]
+
+
+def _check_consistent(headers: list[pydicom.Dataset], paths: list[Path], patient: str | None) -> None:
+    first, first_path = headers[0], paths[0]
+    ref = getattr(first, "SeriesInstanceUID", None)
+    for ds, p in zip(headers, paths, strict=True):
+        if getattr(ds, "SeriesInstanceUID", None) != ref:
+            raise DataPreparationError(
+                f"two series mixed in one folder (SeriesInstanceUID {getattr(ds, 'SeriesInstanceUID', None)} "
+                f"differs from {ref} of {first_path.name})",
+                patient,
+                p,
+            )
+    iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+    spacing = np.asarray(first.PixelSpacing, dtype=np.float64)  # (row spacing dr, column spacing dc)
+    if spacing.shape != (2,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise DataPreparationError(f"PixelSpacing {spacing.tolist()} must be two positive numbers", patient, first_path)
+    if iop.shape != (6,) or np.linalg.norm(np.cross(iop[:3], iop[3:])) < 1e-3:
+        raise DataPreparationError(f"ImageOrientationPatient {iop.tolist()} is degenerate", patient, first_path)
+    shape = (int(first.Rows), int(first.Columns))
+    for ds, p in zip(headers, paths, strict=True):
+        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), iop, atol=1e-4):
+            raise DataPreparationError(f"ImageOrientationPatient differs from {first_path.name}", patient, p)
+        if not np.allclose(np.asarray(ds.PixelSpacing, dtype=np.float64), spacing, rtol=1e-4):
+            raise DataPreparationError(f"PixelSpacing differs from {first_path.name}", patient, p)
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            raise DataPreparationError(f"slice size differs from {first_path.name}", patient, p)
+
+
+def _placed_slices(
+    headers: list[pydicom.Dataset], paths: list[Path], patient: str | None
+) -> tuple[list[pydicom.Dataset], list[Path], np.ndarray, np.ndarray]:
+    """Headers and paths sorted along the slice normal, their positions and the slice step (checked regular)."""
+    if not paths:
+        raise DataPreparationError("no DICOM files", patient)
+    _check_consistent(headers, paths, patient)
+    first = headers[0]
+    iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in headers])
+    proj = positions @ normal
+    order = np.argsort(proj, kind="stable")
+    positions, proj = positions[order], proj[order]
+    headers = [headers[k] for k in order]
+    paths = [paths[k] for k in order]
+    n = len(paths)
+    if n == 1:
+        thickness = float(getattr(first, "SpacingBetweenSlices", getattr(first, "SliceThickness", 1.0)) or 1.0)
+        return headers, paths, positions, normal * thickness
+    gaps = np.diff(proj)
+    dup = int(np.argmin(gaps))
+    if gaps[dup] < _ABS_TOL_MM:
+        raise DataPreparationError(
+            f"two slices at the same position along the slice normal (also {paths[dup].name}); "
+            "duplicate file or two series mixed in one folder",
+            patient,
+            paths[dup + 1],
+        )
+    step = (positions[-1] - positions[0]) / (n - 1)
+    expected = positions[0] + np.arange(n)[:, None] * step
+    dev = np.linalg.norm(positions - expected, axis=1)
+    tol = max(_ABS_TOL_MM, _REL_TOL * float(np.linalg.norm(step)))
+    bad = int(np.argmax(dev))
+    if dev[bad] > tol:
+        raise DataPreparationError(
+            f"non-uniform slice spacing (gaps {np.round(gaps, 3).tolist()} mm), a missing slice?; this slice is "
+            f"{dev[bad]:.3f} mm off a regular grid",
+            patient,
+            paths[bad],
+        )
+    return headers, paths, positions, step

@@ -26,9 +26,15 @@ from .chaos import run_patients
 from .datalist import (
     _tmp_path,
     atomic_replace_all,
+    check_case_names,
     check_folds,
     check_out_dir,
+    clean_stale_tmp,
     count_classes,
+    finite_or_replace,
+    output_stamp,
+    owned_outputs_check,
+    prepare_out_dir,
     save_nifti_atomic,
     write_datalist,
 )
@@ -75,10 +81,25 @@ def _data(img: nib.Nifti1Image, path: Path, patient: str) -> np.ndarray:
         raise DataPreparationError(f"cannot read NIfTI data ({type(e).__name__}: {e})", patient, path) from None
 
 
-def _prepare_volume(volume: Path, seg_dir: Path, organs: list[str], out: Path) -> tuple[dict, list[int], bool]:
+def case_name(volume: Path) -> str:
+    """Case name of a VISCERAL volume, e.g. ``visceral_10000001_1_ctce_thab``."""
+    return "visceral_" + re.sub(r"[^a-z0-9]+", "_", _stem(volume).lower())
+
+
+def _check_geometry(img: nib.Nifti1Image, path: Path, patient: str) -> None:
+    if len(img.shape) != 3:
+        raise DataPreparationError(f"expected a 3D volume, got shape {img.shape}", patient, path)
+    det = float(np.linalg.det(img.affine[:3, :3]))
+    if not np.isfinite(det) or abs(det) < 1e-9:
+        raise DataPreparationError("singular or non-finite affine (zero voxel size?)", patient, path)
+
+
+def _prepare_volume(
+    volume: Path, seg_dir: Path, organs: list[str], out: Path, replace_nonfinite: bool = False
+) -> tuple[dict, list[int], bool]:
     stem = _stem(volume)
     patient = stem.split("_")[0]
-    case = "visceral_" + re.sub(r"[^a-z0-9]+", "_", stem.lower())
+    case = case_name(volume)
     img_path, lab_path = out / "imagesTr" / f"{case}.nii.gz", out / "labelsTr" / f"{case}.nii.gz"
     masks: dict[str, Path] = {}
     for p in sorted(seg_dir.glob(f"{stem}_*.nii*"), key=lambda p: p.name):
@@ -100,14 +121,19 @@ def _prepare_volume(volume: Path, seg_dir: Path, organs: list[str], out: Path) -
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     signature = h.hexdigest()
+    owned_outputs_check([img_path, lab_path], side, patient)
     if img_path.exists() and lab_path.exists() and side.exists():
         info = json.loads(side.read_text())
-        if info.get("organs") == organs and info.get("inputs") == signature:
+        fresh = info.get("organs") == organs and info.get("inputs") == signature
+        if fresh and info.get("replace_nonfinite", False) == replace_nonfinite:
             item["overlaps"] = info["overlaps"]
             return item, info["counts"], True
 
     vol = _load(volume, patient)
+    _check_geometry(vol, volume, patient)
     shape, affine = vol.shape[:3], vol.affine
+    # read every voxel: a truncated .nii.gz fails here, and NaN/inf are found before anything is written
+    image, replaced = finite_or_replace(_data(vol, volume, patient), replace_nonfinite, patient, volume)
     binaries, sizes = {}, {}
     for o in organs:
         if o not in masks:
@@ -137,22 +163,21 @@ def _prepare_volume(volume: Path, seg_dir: Path, organs: list[str], out: Path) -
 
     tmps = []
     try:
-        if volume.name.endswith(".nii.gz"):  # keep the volume exactly as distributed
-            tmp = _tmp_path(img_path)
-            shutil.copyfile(volume, tmp)
-            tmps.append((tmp, img_path))
+        if volume.name.endswith(".nii.gz") and not replaced:  # keep the volume exactly as distributed
+            tmps.append((_tmp_path(img_path), img_path))
+            shutil.copyfile(volume, tmps[-1][0])
         else:
-            tmps.append((save_nifti_atomic(_data(vol, volume, patient), affine, img_path), img_path))
+            tmps.append((save_nifti_atomic(image, affine, img_path), img_path))
         lab = nib.Nifti1Image(label, affine)
         lab.set_qform(affine, code=1)
         lab.set_sform(affine, code=1)
-        tmp = _tmp_path(lab_path)
-        nib.save(lab, tmp)
-        tmps.append((tmp, lab_path))
+        tmps.append((_tmp_path(lab_path), lab_path))
+        nib.save(lab, tmps[-1][0])
         counts = count_classes(label, ncls)
-        tmp = _tmp_path(side)
-        tmp.write_text(json.dumps({"organs": organs, "inputs": signature, "overlaps": overlaps, "counts": counts}))
-        tmps.append((tmp, side))
+        info = {"organs": organs, "inputs": signature, "overlaps": overlaps, "counts": counts}
+        info.update(outputs=output_stamp(tmps), replace_nonfinite=replace_nonfinite, nonfinite_replaced=replaced)
+        tmps.append((_tmp_path(side), side))
+        tmps[-1][0].write_text(json.dumps(info))
         atomic_replace_all(tmps)
     finally:
         for tmp, _ in tmps:
@@ -168,6 +193,7 @@ def prepare_visceral(
     seed: int = 0,
     workers: int = 2,
     progress: bool = True,
+    replace_nonfinite: bool = False,
 ) -> Path:
     """Merge VISCERAL per-structure masks into label maps and write ``OUT/datalist.json``.
 
@@ -182,12 +208,15 @@ def prepare_visceral(
         seed: fold shuffle seed.
         workers: parallel processes.
         progress: show a progress bar and print missing structures / resolved overlaps.
+        replace_nonfinite: replace NaN/inf voxels by the volume's smallest finite value instead of rejecting it.
 
     Returns:
         path of ``OUT/datalist.json``.
 
     Raises:
-        DataPreparationError: missing folders, unreadable files, or a mask whose geometry differs from its volume.
+        DataPreparationError: missing folders, unreadable or truncated files, non-finite voxels, a mask whose
+            geometry differs from its volume, two volumes with one case name, ``out`` inside ``root``, or an output
+            file that an earlier ``prepare`` did not write.
 
     Example:
         >>> prepare_visceral("VISCERAL", "prepared/visceral", organs=["liver", "spleen"])  # doctest: +SKIP
@@ -198,17 +227,18 @@ def prepare_visceral(
     for d in (vol_dir, seg_dir):
         if not d.is_dir():
             raise DataPreparationError(f"no {d.name}/ folder: --root must hold Volumes/ and Segmentations/", file=d)
-    volumes = sorted(p for p in vol_dir.iterdir() if re.search(r"\.nii(\.gz)?$", p.name))
+    volumes = sorted(p for p in vol_dir.iterdir() if re.search(r"\.nii(\.gz)?$", p.name) and not p.name.startswith("."))
     if not volumes:
         raise DataPreparationError("no .nii/.nii.gz volumes", file=vol_dir)
+    check_case_names({str(v): case_name(v) for v in volumes})
     folds = check_folds(len({_stem(v).split("_")[0] for v in volumes}), folds)
     mods = {"MR" if re.search(r"_MR", _stem(v), re.I) else "CT" for v in volumes}
     if len(mods) > 1:
         raise DataPreparationError("CT and MR volumes mixed; prepare them into separate folders", file=vol_dir)
+    prepare_out_dir(root, out)
     check_out_dir(out, "VISCERAL Anatomy3")
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    jobs = [(v, seg_dir, names, out) for v in volumes]
+    clean_stale_tmp(out)
+    jobs = [(v, seg_dir, names, out, replace_nonfinite) for v in volumes]
     results = run_patients(_prepare_volume, jobs, workers, "prepare visceral", progress)
     # per-case details go to a top-level "cases" map: training items keep only collatable scalar fields
     items, cases = [], {}
