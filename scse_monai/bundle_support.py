@@ -246,7 +246,8 @@ def check_inference_input(dataset_dir: str) -> None:
 def inference_data(dataset_dir: str) -> list[dict]:
     """``[{"image": path}]`` for every ``imagesTs/*.nii.gz`` in ``dataset_dir``, else every ``imagesTr/*.nii.gz``.
 
-    A single NIfTI file may also be given instead of a folder.
+    A single NIfTI file may also be given instead of a folder. Hidden names (``.tmp-*`` files that an interrupted
+    ``prepare`` left, ``._*`` metadata files) are never cases.
 
     Raises:
         FileNotFoundError: nothing to segment.
@@ -260,7 +261,8 @@ def inference_data(dataset_dir: str) -> list[dict]:
     if root.is_file() and root.name.endswith((".nii", ".nii.gz")):
         return [{"image": str(root)}]
     for sub in ("imagesTs", "imagesTr"):
-        files = sorted((root / sub).glob("*.nii*"))
+        found = (root / sub).glob("*.nii*")
+        files = sorted(p for p in found if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
         if files:
             return [{"image": str(f)} for f in files]
     raise FileNotFoundError(f"dataset_dir {root}: no imagesTs/*.nii.gz or imagesTr/*.nii.gz to segment")

@@ -9,6 +9,8 @@ They are plain classes usable by ``_target_`` in a MONAI bundle config:
   transform for this; it is MONAI's ``RandCropByPosNegLabeld`` with ``spatial_size`` full in-plane and 1 along
   the slice axis, followed by ``SqueezeDimd``, packaged as one class so the pair cannot be misconfigured (slice
   axis in the crop and in the squeeze must agree).
+- :class:`CheckInputd`: refuse an input a network cannot segment (non-finite voxels, wrong channels or dimensions)
+  with an error naming the file, instead of a silent all-background result.
 - :class:`RandFlipLeftRightd`: left-right flip that also swaps left/right label values (e.g. right kidney 2 <->
   left kidney 3). MONAI's RandFlipd flips but does not know that a flipped right kidney is a left one.
 
@@ -46,7 +48,7 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
-__all__ = ["NormalizeModalityd", "RandForegroundSlicesd", "RandFlipLeftRightd", "CT_ABDOMEN_WINDOW"]
+__all__ = ["CheckInputd", "NormalizeModalityd", "RandForegroundSlicesd", "RandFlipLeftRightd", "CT_ABDOMEN_WINDOW"]
 
 #: Abdominal soft-tissue window (level 40 HU, width 400 HU).
 CT_ABDOMEN_WINDOW = (-160.0, 240.0)
@@ -231,3 +233,58 @@ class RandFlipLeftRightd(Randomizable, MapTransform):
             if key in self.label_keys:
                 d[key] = self._swap(d[key])
         return d
+
+
+class CheckInputd(MapTransform):
+    """Refuse an input image that the network cannot segment, with a ``ValueError`` naming the file.
+
+    NaN or inf voxels pass MONAI's percentile normalisation and the network and come out as an all-background
+    label map, without a warning; a 2D image or one with a different number of channels fails deep inside the
+    inferer. Put this right after ``EnsureChannelFirstd``: inputs must be channel-first.
+
+    Args:
+        keys: image keys.
+        channels: expected number of channels, or ``None`` for any.
+        spatial_dims: expected number of spatial dimensions, or ``None`` for any.
+        allow_missing_keys: don't raise if a key is missing.
+
+    Example:
+        >>> CheckInputd(keys="image", channels=1)({"image": torch.tensor([[[[float("nan")]]]])})
+        Traceback (most recent call last):
+        ...
+        ValueError: image: 1 of 1 voxels are not finite (NaN/inf); inference refuses non-finite input
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        channels: int | None = None,
+        spatial_dims: int | None = 3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.channels = channels
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            self._check(d[key], key)
+        return d
+
+    def _check(self, image: torch.Tensor, key: Hashable) -> None:
+        meta = getattr(image, "meta", {}) or {}
+        name = f"{key} {meta['filename_or_obj']}" if meta.get("filename_or_obj") else str(key)
+        shape = tuple(image.shape)
+        if self.spatial_dims is not None and len(shape) - 1 != self.spatial_dims:
+            raise ValueError(f"{name}: expected a {self.spatial_dims}D image with channels first, got shape {shape}")
+        if self.channels is not None and shape[0] != self.channels:
+            raise ValueError(f"{name}: expected {self.channels} channel(s), got {shape[0]} (shape {shape})")
+        values = torch.as_tensor(image)
+        if values.is_floating_point():
+            bad = int((~torch.isfinite(values)).sum())
+            if bad:
+                raise ValueError(
+                    f"{name}: {bad} of {values.numel()} voxels are not finite (NaN/inf); inference refuses "
+                    "non-finite input"
+                )
