@@ -1,4 +1,4 @@
-"""Integration tests of the MONAI Deploy application (``python -m scse_monai.apps.deploy``) on a synthetic series.
+"""Integration tests of the MONAI Deploy application (``python apps/deploy``) on a synthetic series.
 
 The app runs in ``.venv-deploy`` (MONAI Deploy App SDK 4.0.0, highdicom, pydicom 3), driven from the core
 environment by subprocess. Its DICOM SEG is read back with pydicom here and with highdicom in ``.venv-deploy``,
@@ -22,6 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 DEPLOY_PY = REPO / ".venv-deploy" / "bin" / "python"
+APP = REPO / "apps" / "deploy"
 ORGANS = {
     1: ("liver", "10200004"),
     2: ("right kidney", "9846003"),
@@ -126,7 +127,7 @@ def deploy_case(request, series, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"deploy_{request.param}")
     model = _torchscript_bundle(tmp, request.param)
     out = tmp / "out"
-    run = _run([DEPLOY_PY, "-m", "scse_monai.apps.deploy", "-i", series, "-o", out, "-m", model])
+    run = _run([DEPLOY_PY, APP, "-i", series, "-o", out, "-m", model])
     return {"tmp": tmp, "series": series, "model": model, "out": out, "run": run}
 
 
@@ -269,7 +270,7 @@ def test_seg_masks_match_bundle_inference(deploy_case):
 def _bad_run(tmp: Path, input_path: Path, model: Path) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp / "bad_out"
     out.mkdir(exist_ok=True)
-    run = _run([DEPLOY_PY, "-m", "scse_monai.apps.deploy", "-i", input_path, "-o", out, "-m", model])
+    run = _run([DEPLOY_PY, APP, "-i", input_path, "-o", out, "-m", model])
     return run, out
 
 
@@ -313,3 +314,54 @@ def test_failure_inside_the_graph_exits_1_without_partial_output(series, tmp_pat
     assert run.returncode == 1, run.stderr[-3000:]
     assert "error: segmentation failed" in run.stderr and "model failure on purpose" in run.stderr
     assert list(out.iterdir()) == [], "no partial output may be left"
+
+
+def _mixed_input(tmp: Path, series: Path, extra: str) -> Path:
+    """An input folder holding ``series`` (MR T2-SPIR) and another patient's CT or T2-SPIR series."""
+    from scse_monai.data import synthesize
+
+    root = tmp / "input"
+    shutil.copytree(series / "DICOM_anon", root / "a_mr" / "DICOM_anon")
+    layout = "chaos-ct" if extra == "ct" else "chaos-mr"
+    other = synthesize(layout, tmp / "other", cases=1, seed=11, size=32, slices=(6, 6), progress=False)
+    src = other / "CT" / "1" / "DICOM_anon" if extra == "ct" else other / "MR" / "1" / "T2SPIR" / "DICOM_anon"
+    shutil.copytree(src, root / "0_first" / "DICOM_anon")  # sorts first, as the wrong series did
+    return root
+
+
+def test_series_rules_apply_in_priority_order_across_the_whole_input(series, bands_model, tmp_path):
+    """Issue 16 item 4: with a T2-SPIR and a CT series in one input, the T2-SPIR series is segmented."""
+    run, out = _bad_run(tmp_path, _mixed_input(tmp_path, series, "ct"), bands_model)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (seg_path,) = sorted(out.glob("*.dcm"))
+    seg = pydicom.dcmread(seg_path)
+    src0 = next(iter(_source_slices(series).values()))
+    assert [s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence] == [src0.SeriesInstanceUID]
+
+
+def test_several_matching_patients_are_rejected_not_dropped(series, bands_model, tmp_path):
+    """Issue 16 item 4: two patients' T2-SPIR series: a clear error naming both, not one silently dropped."""
+    run, out = _bad_run(tmp_path, _mixed_input(tmp_path, series, "mr"), bands_model)
+    assert run.returncode == 2 and "2 series match the rule 'CHAOS MR T2-SPIR'" in run.stderr, run.stderr[-2000:]
+    assert "a_mr" in run.stderr and "0_first" in run.stderr and "Traceback" not in run.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_series_with_a_missing_slice_is_rejected(series, bands_model, tmp_path):
+    """Issue 16 item 4: a gap in the slice positions is refused, as `prepare` refuses it."""
+    bad = tmp_path / "gap"
+    shutil.copytree(series / "DICOM_anon", bad)
+    files = sorted(bad.glob("*.dcm"), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    files[len(files) // 2].unlink()
+    run, out = _bad_run(tmp_path, bad, bands_model)
+    assert run.returncode == 2 and "non-uniform slice spacing" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and list(out.iterdir()) == []
+
+
+def test_unwritable_output_is_one_line_exit_2(series, bands_model, tmp_path):
+    """Issue 16 item 9: an output folder that cannot be created is a clear error, not a traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    run = _run([DEPLOY_PY, APP, "-i", series, "-o", blocker / "out", "-m", bands_model])
+    assert run.returncode == 2 and f"output {blocker / 'out'}" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -23,10 +24,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 LABEL_PY = REPO / ".venv-label" / "bin" / "python"
+APP = REPO / "apps" / "monailabel"
 MODEL = "scse_unet"
 ORGANS = {"liver": 1, "right kidney": 2, "left kidney": 3, "spleen": 4}  # bundle metadata channel_def, written out
 CHAOS_SAMPLE = REPO.parent / "shared" / "data" / "CHAOS_sample" / "Train_Sets"  # real data, optional
 REAL_PATIENT = "3"
+UPLOAD_MB = 1  # the server's upload limit in these tests
 TRAINED = (BUNDLE / "models" / "model.pt").exists()
 
 pytestmark = [
@@ -96,14 +99,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _request(url: str, method: str = "GET", body: dict | None = None, timeout: float = 300) -> tuple[int, bytes]:
+def _request(
+    url: str, method: str = "GET", body: dict | None = None, timeout: float = 300, headers: dict | None = None
+) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    return _open(req, headers, timeout)[:2]
+
+
+def _open(req: urllib.request.Request, headers: dict | None, timeout: float = 300) -> tuple[int, bytes, dict]:
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
+            return r.status, r.read(), dict(r.headers)
     except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        return e.code, e.read(), dict(e.headers)
+
+
+def _upload(
+    url: str,
+    files: dict[str, tuple[str, bytes]],
+    fields: dict[str, str] | None = None,
+    method: str = "PUT",
+    headers: dict | None = None,
+) -> tuple[int, bytes]:
+    """A multipart/form-data request, as MONAI Label clients send uploads."""
+    boundary = "scse-test-boundary"
+    parts = []
+    for name, value in (fields or {}).items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, content) in files.items():
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+        parts.append(head.encode() + b"Content-Type: application/octet-stream\r\n\r\n" + content + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    req = urllib.request.Request(url, data=body, method=method)
+    req.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+    return _open(req, headers)[:2]
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +147,9 @@ def server(tmp_path_factory):
     port = _free_port()
     log = (tmp / "server.log").open("w")
     cmd = [
-        LABEL_PY, "-m", "monailabel.main", "start_server", "--app", REPO / "scse_monai" / "apps" / "monailabel",
+        LABEL_PY, "-m", "monailabel.main", "start_server", "--app", APP,
         "--studies", studies, "--host", "127.0.0.1", "--port", port,
-        "--conf", "bundle", bundle, "--conf", "workspace", workspace,
+        "--conf", "bundle", bundle, "--conf", "workspace", workspace, "--conf", "max_upload_mb", UPLOAD_MB,
     ]  # fmt: skip
     proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -244,3 +276,97 @@ def test_train_one_epoch_writes_a_checkpoint(server):
     assert set(state) == expected
     assert not any(p.name.endswith(".partial") for p in models.iterdir())
     assert "Fine-tuning on 1 labelled images" in server["log"].read_text()
+
+
+def _nifti_bytes(tmp: Path, array: np.ndarray) -> bytes:
+    path = tmp / "upload.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    return path.read_bytes()
+
+
+def _outside_files(server) -> set[Path]:
+    root = server["studies"].parent
+    return {p for p in root.rglob("*") if p.is_file() and server["studies"] not in p.parents}
+
+
+def test_datastore_ids_are_ids_not_paths(server, tmp_path):
+    """Issue 16 item 1: nothing is written outside STUDIES, and the served weights cannot be replaced."""
+    url, studies = server["url"], server["studies"]
+    image_id = sorted(studies.glob("chaos_*.nii.gz"))[0].name[: -len(".nii.gz")]
+    volume = _nifti_bytes(tmp_path, np.zeros((8, 8, 4), np.float32))
+    model = server["workspace"] / "models" / "model.pt"
+    before, model_bytes = _outside_files(server), model.read_bytes()
+    for query in ("image=../escaped", "image=%2Ftmp%2Fescaped", "image=.scse_monai/bundle/models/model", "image=.x"):
+        status, body = _upload(f"{url}/datastore/image?{query}", {"file": ("v.nii.gz", volume)})
+        assert status == 400, (query, status, body)
+    for tag in ("../../escaped", "final/../../x", ".hidden"):
+        status, body = _upload(f"{url}/datastore/label?image={image_id}&tag={tag}", {"label": ("l.nii.gz", volume)})
+        assert status == 400, (tag, status, body)
+    status, body = _upload(f"{url}/datastore/label?image=../{image_id}", {"label": ("l.nii.gz", volume)})
+    assert status == 400, body
+    assert _request(f"{url}/datastore/image?image=../studies/{image_id}")[0] == 400
+    assert _request(f"{url}/datastore/image?id=..", method="DELETE")[0] == 400
+    assert _outside_files(server) - before == set()
+    assert model.read_bytes() == model_bytes
+    assert not list(studies.parent.glob("escaped*")) and not (studies / ".x.nii.gz").exists()
+
+
+def test_cors_is_off_unless_allowed(server):
+    """Issue 16 item 1: a web page on another origin can neither read nor drive the server."""
+    url = server["url"]
+    evil = {"Origin": "http://evil.example"}
+    preflight = {**evil, "Access-Control-Request-Method": "PUT"}
+    status, _, headers = _open(urllib.request.Request(f"{url}/datastore/image", method="OPTIONS"), preflight)
+    assert status == 403 and "access-control-allow-origin" not in {k.lower() for k in headers}
+    status, body = _request(f"{url}/info/", headers=evil)
+    assert status == 403 and b"evil.example" in body
+    image_id = sorted(server["studies"].glob("chaos_*.nii.gz"))[0].name[: -len(".nii.gz")]
+    status, _ = _request(f"{url}/infer/{MODEL}?image={image_id}", method="POST", headers=evil)
+    assert status == 403  # a "simple" cross-site POST is refused before it runs
+    assert _request(f"{url}/info/", headers={"Origin": url})[0] == 200  # the server's own pages
+
+
+def test_infer_accepts_only_datastore_ids(server, tmp_path):
+    """Issue 16 item 2: no file outside the datastore is segmented, and existence of paths is not revealed."""
+    url = server["url"]
+    secret = tmp_path / "secret.nii.gz"
+    secret.write_bytes(_nifti_bytes(tmp_path, np.ones((8, 8, 4), np.float32)))
+    for image in (str(secret), "../studies/" + sorted(server["studies"].glob("chaos_*"))[0].name, "/no/such/file"):
+        status, body = _request(f"{url}/infer/{MODEL}?image={urllib.parse.quote(image)}&output=image", method="POST")
+        assert status == 400, (image, status, body[:300])
+    image_id = sorted(server["studies"].glob("chaos_*.nii.gz"))[0].name[: -len(".nii.gz")]
+    params = json.dumps({"image": str(secret)})
+    status, body = _upload(f"{url}/infer/{MODEL}?image={image_id}&output=image", {}, {"params": params}, method="POST")
+    assert status == 400, body[:300]
+    status, body = _upload(
+        f"{url}/infer/{MODEL}?output=image", {"file": ("x.nii.gz", secret.read_bytes())}, method="POST"
+    )
+    assert status == 400, body[:300]
+
+
+def test_uploads_are_checked_and_errors_are_4xx(server, tmp_path):
+    """Issue 16 item 11: unreadable or oversized uploads are refused, bad params are 400, never a bare 500."""
+    url = server["url"]
+    junk = b"\x00not an image" * 1000
+    status, body = _upload(f"{url}/datastore/image?image=junk", {"file": ("junk.nii.gz", junk)})
+    assert status == 422 and b"junk" in body, (status, body)
+    status, body = _upload(f"{url}/datastore/image?image=big", {"file": ("big.nii.gz", b"0" * (UPLOAD_MB << 21))})
+    assert status == 413, (status, body[:300])
+    status, body = _upload(f"{url}/datastore/image?image=exe", {"file": ("x.exe", junk)})
+    assert status == 415, (status, body)
+    nan = np.zeros((8, 8, 4), np.float32)
+    nan[0, 0, 0] = np.nan
+    status, body = _upload(f"{url}/datastore/image?image=nan", {"file": ("nan.nii.gz", _nifti_bytes(tmp_path, nan))})
+    assert status == 422 and b"non-finite" in body, (status, body)
+    ok = _nifti_bytes(tmp_path, np.zeros((8, 8, 4), np.float32))
+    status, body = _upload(f"{url}/datastore/image?image=p", {"file": ("p.nii.gz", ok)}, {"params": "{not json"})
+    assert status == 400 and b"JSON" in body, (status, body)
+    status, body = _upload(f"{url}/datastore/label?image=no_such_image", {"label": ("l.nii.gz", ok)})
+    assert status == 404, (status, body)
+    image_id = sorted(server["studies"].glob("chaos_*.nii.gz"))[0].name[: -len(".nii.gz")]
+    status, body = _upload(f"{url}/infer/{MODEL}?image={image_id}", {}, {"params": "{not json"}, method="POST")
+    assert status == 400 and b"JSON" in body, (status, body)
+    listed = json.loads(_request(f"{url}/datastore/?output=all")[1])
+    assert not {"junk", "big", "exe", "nan", "p"} & set(listed.get("objects", listed))
+    assert not list(server["studies"].glob("junk*")) and not list(server["studies"].glob("nan*"))
+    assert _request(f"{url}/info/")[0] == 200

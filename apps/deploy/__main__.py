@@ -1,4 +1,4 @@
-"""``python -m scse_monai.apps.deploy -i DICOM_DIR -o OUTPUT_DIR -m model.ts``: segment one DICOM series to DICOM SEG.
+"""``python apps/deploy -i DICOM_DIR -o OUTPUT_DIR -m model.ts``: segment one DICOM series to DICOM SEG.
 
 Arguments fall back to the SDK's environment variables (``HOLOSCAN_INPUT_PATH``, ``HOLOSCAN_OUTPUT_PATH``,
 ``HOLOSCAN_MODEL_PATH``) and then to ``input``, ``output``, ``models``, as MONAI Deploy apps do. Before the graph
@@ -38,7 +38,7 @@ def _raise_stack_limit() -> None:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m scse_monai.apps.deploy",
+        prog="python apps/deploy",
         description="Segment liver, kidneys and spleen in a DICOM series (CHAOS-like MR T2-SPIR or CT) to DICOM SEG.",
     )
     parser.add_argument(
@@ -96,16 +96,53 @@ def _series_summary(files: list[Path]) -> str:
     return ", ".join(f"{m} '{d}' ({n} files)" for (m, d), n in sorted(series.items()))
 
 
-def check_inputs(input_path: Path, model_path: Path) -> tuple[Path, list[Path], dict[int, str]]:
+def _select_series(input_path: Path, files: list[Path]) -> tuple[dict, list[Path]]:
+    """The one series to segment: the first rule, in priority order, that selects a series anywhere in the input.
+
+    Several series selected by that rule (several patients or studies) are an error: one SEG per run, never a
+    silently dropped series. The series must form a regular volume (no missing slice), as ``prepare`` requires.
+
+    Returns:
+        selection rules for the SDK that name exactly that series, and its files.
+    """
+    from rules import SERIES_RULES, exact_series_rules, series_for_first_rule
+
+    from scse_monai.data.dicom_series import check_series_geometry
+    from scse_monai.data.errors import DataPreparationError
+
+    name, chosen = series_for_first_rule(files, SERIES_RULES)
+    if not chosen:
+        names = [s["name"] for s in SERIES_RULES["selections"]]
+        raise InputError(
+            f"input {input_path}: no series matches the selection rules {names}; found {_series_summary(files)}"
+        )
+    if len(chosen) > 1:
+        found = "; ".join(
+            f"patient {ds.get('PatientID', '?')} series {uid} in {series_files[0].parent}"
+            for uid, (ds, series_files) in chosen.items()
+        )
+        raise InputError(
+            f"input {input_path}: {len(chosen)} series match the rule '{name}' ({found}); "
+            "give one series per run (-i its folder)"
+        )
+    uid, (_, series_files) = next(iter(chosen.items()))
+    try:
+        check_series_geometry(series_files, patient=None)
+    except DataPreparationError as e:
+        raise InputError(f"input {input_path}: series '{name}' cannot be segmented: {e}") from None
+    return exact_series_rules(name, uid), series_files
+
+
+def check_inputs(input_path: Path, model_path: Path) -> tuple[Path, list[Path], dict[int, str], dict]:
     """Validate the arguments before the SDK graph runs.
 
     Returns:
-        the model file, the DICOM files found, and the organ labels the model predicts.
+        the model file, the DICOM files of the selected series, the organ labels the model predicts, and the
+        selection rules that pick exactly that series.
 
     Raises:
         InputError: with a message naming the offending argument or file.
     """
-    from scse_monai.apps.deploy.rules import SERIES_RULES, matching_series
     from scse_monai.apps.organs import organ_labels, read_torchscript_metadata
 
     if not input_path.exists():
@@ -119,11 +156,7 @@ def check_inputs(input_path: Path, model_path: Path) -> tuple[Path, list[Path], 
         if not any(p.is_file() for p in input_path.rglob("*")):
             raise InputError(f"input {input_path}: the folder is empty")
         raise InputError(f"input {input_path}: no DICOM files in this folder (non-DICOM files are ignored)")
-    if not matching_series(files, SERIES_RULES):
-        names = [s["name"] for s in SERIES_RULES["selections"]]
-        raise InputError(
-            f"input {input_path}: no series matches the selection rules {names}; found {_series_summary(files)}"
-        )
+    rules, files = _select_series(input_path, files)
 
     if model_path.is_dir():
         candidates = sorted(model_path.rglob("*.ts"))  # a MAP mounts models as models/<name>/<file>
@@ -138,7 +171,7 @@ def check_inputs(input_path: Path, model_path: Path) -> tuple[Path, list[Path], 
         labels = organ_labels(read_torchscript_metadata(model_path))
     except ValueError as e:
         raise InputError(f"model {e}") from e
-    return model_path, files, labels
+    return model_path, files, labels, rules
 
 
 def _dicom_files_in(paths: list[Path]) -> list[Path]:
@@ -155,6 +188,17 @@ def _dicom_files_in(paths: list[Path]) -> list[Path]:
     return ok
 
 
+def _staging_folder(output_path: Path) -> Path:
+    """A fresh ``.seg-partial-*`` folder inside the output folder (created); InputError if it cannot be written."""
+    if output_path.exists() and not output_path.is_dir():
+        raise InputError(f"output {output_path}: exists and is not a folder")
+    try:
+        output_path.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".seg-partial-", dir=output_path))
+    except OSError as e:
+        raise InputError(f"output {output_path}: cannot write there ({e.strerror or e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the application; returns the process exit code (0 ok, 1 run failed, 2 bad input)."""
     args = _parse(sys.argv[1:] if argv is None else argv)
@@ -163,27 +207,23 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")  # the C++ runtime's own [info] lines
     input_path, output_path = Path(args.input), Path(args.output)
     try:
-        model_path, files, labels = check_inputs(input_path, Path(args.model))
-        if output_path.exists() and not output_path.is_dir():
-            raise InputError(f"output {output_path}: exists and is not a folder")
+        model_path, files, labels, rules = check_inputs(input_path, Path(args.model))
+        staging = _staging_folder(output_path)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     others = sum(1 for p in input_path.rglob("*") if p.is_file()) - len(files)
     print(
-        f"{len(files)} DICOM files in {input_path} ({others} other files ignored); "
+        f"{len(files)} DICOM files of the selected series in {input_path} ({others} other files ignored); "
         f"model {model_path} segments {', '.join(labels.values())}",
         file=sys.stderr,
     )
-
-    output_path.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".seg-partial-", dir=output_path))
     try:
-        from scse_monai.apps.deploy.app import OrganSegApp
+        from app import OrganSegApp
 
         app_argv = [
             sys.executable,
-            "scse_monai.apps.deploy",
+            "apps/deploy",
             "-i",
             str(input_path),
             "-o",
@@ -194,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             args.log_level,
         ]
         try:
-            OrganSegApp(app_argv).run()
+            app = OrganSegApp(app_argv)
+            app.series_rules = rules
+            app.run()
         except Exception as e:  # the SDK re-raises operator errors after stopping the graph
             logging.getLogger(__name__).debug("application failed", exc_info=True)
             print(f"error: segmentation failed: {type(e).__name__}: {e}", file=sys.stderr)

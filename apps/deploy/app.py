@@ -3,7 +3,7 @@
 DICOMDataLoaderOperator -> DICOMSeriesSelectorOperator (CHAOS-like MR T2-SPIR, then CT) ->
 DICOMSeriesToVolumeOperator -> MonaiBundleInferenceOperator (``model.ts`` exported with its configs) ->
 DICOMSegmentationWriterOperator (one segment per organ, SNOMED CT coded), as in the SDK's spleen example.
-Run it through ``python -m scse_monai.apps.deploy`` (see ``__main__.py``), which checks the inputs first and
+Run it through ``python apps/deploy`` (see ``__main__.py``), which checks the inputs first and
 moves the SEG into the output folder only once it is complete.
 """
 
@@ -27,9 +27,9 @@ from monai.deploy.operators.monai_bundle_inference_operator import (
     MonaiBundleInferenceOperator,
 )
 from pydicom.sr.coding import Code
+from rules import SERIES_RULES
 
 from scse_monai import __version__
-from scse_monai.apps.deploy.rules import SERIES_RULES
 from scse_monai.apps.organs import ORGAN_CODES, SNOMED_ANATOMICAL_STRUCTURE, organ_labels, read_torchscript_metadata
 
 __all__ = [
@@ -125,6 +125,9 @@ class OrganSegApp(Application):
         >>> OrganSegApp(["app", "-i", "dicom_dir", "-o", "out", "-m", "bundle/models/model.ts"]).run()  # doctest: +SKIP
     """
 
+    #: Selection rules of the series selector; ``__main__`` narrows them to the one series it checked.
+    series_rules: dict = SERIES_RULES
+
     def compose(self):
         app_context: AppContext = Application.init_app_context(self.argv)
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
@@ -138,7 +141,7 @@ class OrganSegApp(Application):
         logging.info(f"Segmenting {list(labels.values())} with bundle version {version}")
 
         loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=input_path, name="study_loader")
-        selector = RequiredSeriesSelectorOperator(self, rules=json.dumps(SERIES_RULES), name="series_selector")
+        selector = RequiredSeriesSelectorOperator(self, rules=json.dumps(self.series_rules), name="series_selector")
         to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
         inference = MonaiBundleInferenceOperator(
             self,

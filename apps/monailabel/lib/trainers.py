@@ -18,7 +18,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-from scse_monai.apps.monailabel.lib.workspace import read_metadata
+from .workspace import read_metadata
 
 __all__ = ["BundleSegmentationTrainTask"]
 

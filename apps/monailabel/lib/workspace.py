@@ -15,8 +15,8 @@ __all__ = ["default_bundle", "prepare_workspace", "read_metadata"]
 
 
 def default_bundle() -> Path:
-    """The repository's ``bundle/`` next to the installed (editable) ``scse_monai`` package."""
-    return Path(__file__).resolve().parents[4] / "bundle"
+    """The repository's ``bundle/`` (this file is ``apps/monailabel/lib/workspace.py`` in the repository)."""
+    return Path(__file__).resolve().parents[3] / "bundle"
 
 
 def read_metadata(bundle_dir: str | Path) -> dict:

@@ -19,8 +19,9 @@ from monai.transforms import Compose, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from scse_monai.apps.monailabel.lib.workspace import read_metadata
 from scse_monai.apps.organs import organ_labels
+
+from .workspace import read_metadata
 
 __all__ = ["BundleSegmentationInferTask"]
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["SERIES_RULES", "matching_series"]
+__all__ = ["SERIES_RULES", "exact_series_rules", "matching_series", "series_for_first_rule"]
 
 # Rules of DICOMSeriesSelectorOperator, tried in order; the first matching series is segmented.
 # CHAOS MR series carry SeriesDescription "T2SPIR" (the shipped weights are trained on it); CHAOS CT series have an
@@ -53,3 +53,37 @@ def matching_series(files: Iterable[str | Path], rules: Mapping = SERIES_RULES) 
             if all(_matches(str(ds.get(k, "") or ""), v) for k, v in selection["conditions"].items()):
                 found.append((selection["name"], uid))
     return found
+
+
+def series_for_first_rule(files: Iterable[str | Path], rules: Mapping = SERIES_RULES) -> tuple[str, dict]:
+    """The first rule, in priority order, that selects any series of the whole input, and the series it selects.
+
+    Args:
+        files: DICOM files (headers are read, pixels are not).
+        rules: selection rules in the SDK's JSON structure.
+
+    Returns:
+        the rule's name and ``{SeriesInstanceUID: (header of one file, [files of the series])}``; ``("", {})`` if
+        no rule selects anything.
+    """
+    import pydicom
+
+    series: dict[str, tuple[pydicom.Dataset, list[Path]]] = {}
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        series.setdefault(uid, (ds, []))[1].append(Path(path))
+    for selection in rules["selections"]:
+        chosen = {
+            uid: entry
+            for uid, entry in series.items()
+            if all(_matches(str(entry[0].get(k, "") or ""), v) for k, v in selection["conditions"].items())
+        }
+        if chosen:
+            return selection["name"], chosen
+    return "", {}
+
+
+def exact_series_rules(name: str, series_uid: str) -> dict:
+    """Selection rules that select exactly one series (by its SeriesInstanceUID) for the SDK's selector."""
+    return {"selections": [{"name": name, "conditions": {"SeriesInstanceUID": f"^{re.escape(series_uid)}$"}}]}

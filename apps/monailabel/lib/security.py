@@ -1,0 +1,272 @@
+"""Request guards of the MONAI Label app: ids not paths, checked uploads, CORS allow-list, 4xx errors not 500s.
+
+MONAI Label 0.8.5 does not guard these itself:
+
+- its ``LocalDatastore`` joins request-supplied image ids and label tags onto the studies folder, so ``..``, an
+  absolute path or ``.scse_monai/...`` reach files outside the studies or the served weights;
+- its FastAPI app answers CORS for any origin, with credentials;
+- an upload is registered without being read, whatever its size;
+- invalid JSON in ``params`` and most errors inside a route end as a bare HTTP 500.
+
+:class:`RequestGuard` wraps the whole ASGI application (outside MONAI Label's own middleware) and
+:class:`GuardedDatastore` replaces the local datastore; ``main.py`` installs both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import nibabel as nib
+import numpy as np
+from fastapi import HTTPException
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.exception import (
+    ImageNotFoundException,
+    LabelNotFoundException,
+    MONAILabelError,
+    MONAILabelException,
+)
+
+__all__ = ["GuardedDatastore", "RequestGuard", "check_id", "check_image_file", "install_guard", "is_id"]
+
+logger = logging.getLogger(__name__)
+
+#: Query parameters that name datastore objects; each must be an id, never a path.
+ID_PARAMS = ("image", "label", "id", "tag", "label_tag", "session_id")
+#: Image formats accepted for upload (read with nibabel before they are registered).
+UPLOAD_SUFFIXES = (".nii.gz", ".nii")
+_BAD_ID_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class UploadTooLarge(Exception):
+    """The request body exceeds the upload limit."""
+
+
+def is_id(value: object) -> bool:
+    """Whether ``value`` is a datastore id: 1-255 characters, no path separator, control character or ``..``, and
+    no leading ``.`` (hidden names such as the app's ``.scse_monai`` workspace)."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 255
+        and not value.startswith(".")
+        and ".." not in value
+        and not _BAD_ID_CHARS.search(value)
+    )
+
+
+def check_id(value: object, what: str = "image") -> str:
+    """Return ``value`` if it is a datastore id (see :func:`is_id`); else raise HTTP 400."""
+    if not is_id(value):
+        raise HTTPException(status_code=400, detail=f"{what} {value!r} is not an id (no path, no '..', no leading dot)")
+    return value
+
+
+def check_image_file(path: str | os.PathLike, what: str, max_bytes: int) -> None:
+    """An uploaded file must be a readable 3D (or 3D + channels) NIfTI volume of finite values within the limit.
+
+    Raises:
+        HTTPException: 413 too large, 415 not a NIfTI file name, 422 unreadable, wrong shape or non-finite.
+    """
+    path = Path(path)
+    if path.stat().st_size > max_bytes:
+        raise HTTPException(status_code=413, detail=f"{what}: larger than the upload limit of {max_bytes} bytes")
+    if not path.name.endswith(UPLOAD_SUFFIXES):
+        raise HTTPException(status_code=415, detail=f"{what}: upload a NIfTI volume ({', '.join(UPLOAD_SUFFIXES)})")
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:
+        raise HTTPException(status_code=422, detail=f"{what}: not a readable NIfTI image ({type(e).__name__})") from e
+    if data.ndim not in (3, 4) or min(data.shape) < 1:
+        raise HTTPException(status_code=422, detail=f"{what}: expected a 3D volume, got shape {data.shape}")
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise HTTPException(status_code=422, detail=f"{what}: holds non-finite voxels (NaN/inf)")
+
+
+class GuardedDatastore(LocalDatastore):
+    """MONAI Label's local datastore with ids checked and uploads read before anything is copied.
+
+    Args:
+        datastore_path: the studies folder.
+        max_upload_bytes: largest accepted image or label file.
+        **kwargs: passed to ``LocalDatastore``.
+    """
+
+    def __init__(self, datastore_path: str, max_upload_bytes: int, **kwargs: Any):
+        self.max_upload_bytes = max_upload_bytes
+        super().__init__(datastore_path, **kwargs)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
+        check_id(image_id, "image")
+        check_image_file(image_filename, f"image {image_id}", self.max_upload_bytes)
+        return super().add_image(image_id, image_filename, image_info)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        check_id(image_id, "image")
+        check_id(label_tag, "tag")
+        if not self.get_image_uri(image_id):
+            raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} in the studies folder")
+        check_image_file(label_filename, f"label of {image_id}", self.max_upload_bytes)
+        return super().save_label(image_id, label_filename, label_tag, label_info)
+
+    def get_image_uri(self, image_id: str) -> str:
+        return super().get_image_uri(image_id) if is_id(image_id) else ""  # a path is never found
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        return super().get_label_uri(label_id, label_tag) if is_id(label_id) and is_id(label_tag) else ""
+
+
+def _error_for(exc: BaseException) -> tuple[int, str]:
+    """HTTP status and message for an exception that escaped a route."""
+    if isinstance(exc, UploadTooLarge):
+        return 413, str(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        return 400, f"params is not valid JSON ({exc.msg} at character {exc.pos})"
+    if isinstance(exc, ImageNotFoundException | LabelNotFoundException | FileNotFoundError):
+        return 404, str(exc) or type(exc).__name__
+    if isinstance(exc, MONAILabelException):
+        status = 400 if exc.error == MONAILabelError.INVALID_INPUT else 500
+        return status, exc.msg
+    if isinstance(exc, ValueError):
+        return 422, str(exc)
+    return 500, f"internal error ({type(exc).__name__}: {exc}); see the server log"
+
+
+async def _send_json(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _origin_allowed(origin: str, host: str, allowed: Iterable[str]) -> bool:
+    if origin in allowed:
+        return True
+    # the server's own pages (same origin) on a loopback address; a DNS name could be rebound, an IP cannot
+    parts = urlsplit(origin)
+    return parts.netloc == host and (parts.hostname or "") in _LOOPBACK
+
+
+class RequestGuard:
+    """ASGI wrapper around MONAI Label's FastAPI app.
+
+    - Requests with an ``Origin`` that is not allowed are refused with 403 (preflight included), so a web page
+      cannot drive the server; allowed are the ``cors_origins`` allow-list and the server's own loopback origin.
+    - Query parameters that name datastore objects (:data:`ID_PARAMS`) must be ids, and no path segment may be
+      ``..``: 400 otherwise.
+    - Request bodies larger than ``max_upload_bytes`` are refused with 413.
+    - An exception that escapes a route becomes a JSON error with a 4xx status where the cause is the request
+      (invalid JSON, unknown id, unreadable input), never a bare 500.
+
+    Args:
+        app: the ASGI application to wrap.
+        allowed_origins: origins allowed to make cross-origin requests.
+        max_upload_bytes: body size limit (a multipart upload's overhead included).
+    """
+
+    def __init__(self, app: Callable, allowed_origins: Iterable[str], max_upload_bytes: int):
+        self.app = app
+        self.allowed_origins = frozenset(o.rstrip("/") for o in allowed_origins if o)
+        self.max_upload_bytes = max_upload_bytes
+
+    def _refusal(self, scope: Scope) -> tuple[int, str] | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        origin = headers.get("origin")
+        if origin and not _origin_allowed(origin, headers.get("host", ""), self.allowed_origins):
+            return 403, f"cross-origin request from {origin} refused (the app's cors_origins setting allows origins)"
+        if ".." in scope.get("path", "").split("/"):
+            return 400, "'..' is not allowed in the request path"
+        for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
+            if key in ID_PARAMS and value:
+                try:
+                    check_id(value, key)
+                except HTTPException as e:
+                    return e.status_code, str(e.detail)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_upload_bytes:
+            return 413, f"request body of {length} bytes is larger than the upload limit of {self.max_upload_bytes}"
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+
+        async def receive_limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_upload_bytes:
+                raise UploadTooLarge(f"request body is larger than the upload limit of {self.max_upload_bytes} bytes")
+            return message
+
+        return receive_limited
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal:
+            await _send_json(send, *refusal)
+            return
+        held: list[Message] = []  # a 5xx response, kept until we know whether an exception explains it
+        started = False
+
+        async def send_guarded(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and message["status"] >= 500 and not started:
+                held.append(message)
+                return
+            if held:
+                held.append(message)
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, self._limited(receive), send_guarded)
+        except Exception as exc:
+            if started:
+                raise
+            status, detail = _error_for(exc)
+            logger.warning(
+                f"{scope.get('method')} {scope.get('path')}: HTTP {status}: {detail}", exc_info=status >= 500
+            )
+            await _send_json(send, status, detail)
+            return
+        for message in held:
+            await send(message)
+
+
+def install_guard(allowed_origins: Iterable[str], max_upload_bytes: int) -> bool:
+    """Wrap the running MONAI Label server's ASGI stack in :class:`RequestGuard` (once).
+
+    Called when the app enters server mode, i.e. after FastAPI built its middleware stack; outside the server
+    (for example in a training subprocess) there is nothing to wrap and nothing happens.
+
+    Returns:
+        whether the guard is installed.
+    """
+    import sys
+
+    server = sys.modules.get("monailabel.app")
+    fastapi_app = getattr(server, "app", None)
+    if fastapi_app is None:
+        return False
+    stack = fastapi_app.middleware_stack or fastapi_app.build_middleware_stack()
+    if not isinstance(stack, RequestGuard):
+        fastapi_app.middleware_stack = RequestGuard(stack, allowed_origins, max_upload_bytes)
+    return True
