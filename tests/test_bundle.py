@@ -109,16 +109,13 @@ def test_train_evaluate_infer_export(tmp_path: Path, dataset: Path) -> None:
     rows = [r for p in per_case for r in csv.DictReader(open(p, newline=""))]
     assert rows and any("dice" in k.lower() for k in rows[0])
 
+    # inference as the README gives it for the repository root: the bundle's folder passed as --bundle_root
     out = tmp_path / "pred"
-    _run(
-        ["inference.json"],
-        "infer",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(dataset),
-        ckpt_path=str(models / "model.pt"),
-        output_dir=str(out),
-        **TINY,
+    flags = _cli_flags({"dataset_dir": str(dataset), "ckpt_path": str(models / "model.pt"), "output_dir": str(out)})
+    res = _bundle_cli(
+        "run", "--config_file", "bundle/configs/inference.json", "--bundle_root", "bundle", *flags, *_cli_flags(TINY)
     )
+    assert res.returncode == 0, res.stderr[-3000:]
     images = sorted((dataset / "imagesTr").glob("*.nii.gz"))
     preds = sorted(out.glob("*.nii.gz"))
     assert len(preds) == len(images)
@@ -156,8 +153,31 @@ def test_check_properties_train_and_infer(tmp_path: Path, dataset: Path) -> None
     assert infer.check_properties() == []
 
 
+def test_inference_workflow_is_created_and_checked_without_data(tmp_path: Path) -> None:
+    """As model-zoo's verify_bundle and MONAI Label do it: no dataset_dir; the missing data only fails `run`."""
+    from monai.bundle import create_workflow
+
+    missing = tmp_path / "absent"
+    infer = create_workflow(
+        workflow_type="infer",
+        config_file=str(CFG / "inference.json"),
+        meta_file=str(CFG / "metadata.json"),
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(missing),
+        **TINY,
+    )
+    assert infer.check_properties() == []
+    assert len(infer.dataset) == 0
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps what a config expression raises
+        infer.run()
+    assert isinstance(err.value.__cause__, FileNotFoundError)
+    assert "absent does not exist" in str(err.value.__cause__)
+    assert not missing.exists()
+
+
 def test_verify_metadata_offline_and_rejects_broken_metadata(tmp_path: Path) -> None:
-    schema = BUNDLE / "schema" / "meta_schema.json"
+    schema = BUNDLE / "schema" / "meta_schema_20240725.json"
+    assert json.loads((CFG / "metadata.json").read_text())["schema"].endswith("/" + schema.name)
     ok = _bundle_cli("verify_metadata", "--meta_file", str(CFG / "metadata.json"), "--filepath", str(schema))
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "verified with no error" in ok.stdout + ok.stderr
@@ -205,11 +225,15 @@ def test_missing_dataset_names_the_folder(tmp_path: Path) -> None:
     (occupied / "notes.txt").write_text("user data")
     from scse_monai.bundle_support import resolve_datalist
 
-    with pytest.raises(FileNotFoundError, match="mine"):
+    with pytest.raises(FileNotFoundError, match="mine has no datalist.json"):
         resolve_datalist(str(occupied))
+    with pytest.raises(FileNotFoundError, match="refusing to write synthetic data"):
+        resolve_datalist(str(occupied), synthetic_if_missing=True)
+    assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
     assert (occupied / "notes.txt").read_text() == "user data"
-    with pytest.raises(FileNotFoundError, match="prepare"):
-        resolve_datalist(str(tmp_path / "absent"), synthetic_if_missing=False)
+    with pytest.raises(FileNotFoundError, match="absent does not exist.*prepare"):
+        resolve_datalist(str(tmp_path / "absent"))
+    assert not (tmp_path / "absent").exists()  # synthetic data only when asked
 
 
 @pytest.mark.slow
@@ -269,6 +293,18 @@ def test_torchrun_two_cpu_ranks(tmp_path: Path, dataset: Path) -> None:
     assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state), "DDP wrapper leaked into the saved keys"
+
+    # multi_gpu_evaluate.json: each rank evaluates its share of the validation cases; rank 0 writes them all
+    configs = json.dumps([str(CFG / c) for c in ("train.json", "evaluate.json", "multi_gpu_evaluate.json")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    cmd += ["-m", "monai.bundle", "run", "--config_file", configs, *_cli_flags(_overrides(tmp_path, dataset))]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    if res.returncode != 0:
+        pytest.fail(f"torchrun evaluate exited {res.returncode}\n--- stderr\n{res.stderr[-8000:]}")
+    (per_case,) = (tmp_path / "eval").glob("*per_case.csv")
+    cases = [r["case"] for r in csv.DictReader(open(per_case, newline=""))]
+    training = json.loads((dataset / "datalist.json").read_text())["training"]
+    assert len(cases) == len(set(cases)) == sum(1 for i in training if i["fold"] == 0) == 2
 
 
 @pytest.mark.slow
@@ -341,7 +377,7 @@ def test_postprocessing_keeps_the_largest_component_per_organ(config: str) -> No
 
 
 def test_shipped_weights_are_consistent() -> None:
-    """model.pt fits inference.json's network strictly, model.ts is its export with today's configs, both < 25 MB."""
+    """model.pt fits inference.json's network strictly, model.ts is its export with today's processing, both < 25 MB."""
     pt, ts = BUNDLE / "models" / "model.pt", BUNDLE / "models" / "model.ts"
     assert pt.stat().st_size < 25e6 and ts.stat().st_size < 25e6
     parser = ConfigParser()
@@ -352,8 +388,18 @@ def test_shipped_weights_are_consistent() -> None:
     net.eval()
     extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(ts), map_location="cpu", _extra_files=extra)
-    for name in extra:
-        assert json.loads(extra[name]) == json.loads((BUNDLE / "configs" / name).read_text()), f"re-export {name}"
+    # what a TorchScript user (MONAI Deploy) reads from the embedded files must be today's: processing, inferer,
+    # network and its data format; where to find data and outputs, the version and requirements may move on
+    where = {"imports", "bundle_root", "dataset_dir", "output_dir", "ckpt_path", "data", "run", "initialize"}
+    embedded, today = (
+        json.loads(extra["inference.json"]),
+        json.loads((BUNDLE / "configs" / "inference.json").read_text()),
+    )
+    assert {k: v for k, v in embedded.items() if k not in where} == {
+        k: v for k, v in today.items() if k not in where
+    }, "re-export model.ts (README: ckpt_export)"
+    embedded, today = json.loads(extra["metadata.json"]), json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert embedded["network_data_format"] == today["network_data_format"], "re-export model.ts (README: ckpt_export)"
     x = torch.rand(1, 1, 96, 80)
     with torch.no_grad():
         assert torch.allclose(scripted(x), net(x), atol=1e-5)
