@@ -5,11 +5,7 @@ The naive formulation is the definition: two full-size recalibrated maps, then t
 the block, so the comparison measures how the block combines them. Both are timed in inference
 (``torch.no_grad``, eval mode) and for forward + backward (input requiring grad, training mode), in 2D and 3D,
 interleaved repetitions, medians; peak memory is the most torch's allocator had allocated during one call
-(``benchmarks.timing.peak_memory_bytes``). Target (issue 6): the block at <= 0.7x the naive time in inference.
-
-The block takes the compiled CPU kernels for max-out when they are built (``python -m scse_monai.cpu_kernels
-build``; ``make setup`` does it), else its PyTorch path; with the kernels built, the PyTorch path is timed too
-(``pytorch_ms``, ``pytorch_ratio``), in the same interleaved repetitions.
+(``benchmarks.timing.peak_memory_bytes``). Target: the block at <= 0.7x the naive time in inference.
 
 Run: ``python -m benchmarks.run --only blocks [--quick]``.
 """
@@ -19,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from benchmarks.timing import compare_times, peak_memory_bytes
-from scse_monai import cpu_kernels
 from scse_monai.blocks import ChannelSpatialSELayer
 
 TARGET_INFERENCE_RATIO = 0.7
@@ -37,16 +32,7 @@ def _candidates(block: ChannelSpatialSELayer, x: torch.Tensor, mode: str) -> dic
     def fused() -> torch.Tensor:
         return block(x)
 
-    def pytorch_path() -> torch.Tensor:
-        block.use_cpu_kernels = False
-        try:
-            return block(x)
-        finally:
-            block.use_cpu_kernels = True
-
     fns = {"naive": naive, "scse": fused}
-    if block.aggregation == "max" and block._kernels_apply(x):  # the block takes the kernels for this map
-        fns["pytorch"] = pytorch_path
     if mode == "inference":
 
         def wrap(fn):
@@ -78,7 +64,6 @@ def run(quick: bool = False) -> dict:
         quick: smaller maps and fewer repetitions (a smoke run, not a measurement of the target).
     """
     repeats = 3 if quick else 9
-    kernels = cpu_kernels.available()
     shapes = QUICK_SHAPES if quick else SHAPES
     rows = []
     for dims, shape in shapes.items():
@@ -97,13 +82,11 @@ def run(quick: bool = False) -> dict:
                 times = compare_times(cands, repeats=repeats)
                 peaks = {name: peak_memory_bytes(fn) for name, fn in cands.items()}
                 naive_s, block_s = times["naive"]["median_s"], times["scse"]["median_s"]
-                path = "kernels" if "pytorch" in times else "pytorch"
                 rows.append(
                     {
                         "case": f"{dims} {tuple(shape)}",
                         "aggregation": aggregation,
                         "mode": mode,
-                        "path": path,
                         "naive_ms": round(naive_s * 1e3, 2),
                         "scse_ms": round(block_s * 1e3, 2),
                         "time_ratio": round(block_s / naive_s, 3),
@@ -113,15 +96,10 @@ def run(quick: bool = False) -> dict:
                         "memory_ratio": round(peaks["scse"] / max(peaks["naive"], 1), 3),
                     }
                 )
-                if "pytorch" in times:
-                    pytorch_s = times["pytorch"]["median_s"]
-                    rows[-1]["pytorch_ms"] = round(pytorch_s * 1e3, 2)
-                    rows[-1]["pytorch_ratio"] = round(pytorch_s / naive_s, 3)
                 print(
                     f"  blocks {rows[-1]['case']:24s} {aggregation:3s} {mode:9s} naive {naive_s * 1e3:8.2f} ms  "
-                    f"scSE ({path}) {block_s * 1e3:8.2f} ms  ratio {block_s / naive_s:5.2f}  "
-                    + (f"PyTorch path ratio {rows[-1]['pytorch_ratio']:5.2f}  " if "pytorch" in times else "")
-                    + f"peak {rows[-1]['naive_peak_MiB']:7.1f} -> {rows[-1]['scse_peak_MiB']:7.1f} MiB"
+                    f"scSE {block_s * 1e3:8.2f} ms  ratio {block_s / naive_s:5.2f}  "
+                    f"peak {rows[-1]['naive_peak_MiB']:7.1f} -> {rows[-1]['scse_peak_MiB']:7.1f} MiB"
                 )
     headline = [r["time_ratio"] for r in rows if r["aggregation"] == "max" and r["mode"] == "inference"]
     worst = max(headline)
@@ -130,7 +108,6 @@ def run(quick: bool = False) -> dict:
         "quick": quick,
         "repetitions": repeats,
         "torch_threads": torch.get_num_threads(),
-        "cpu_kernels": kernels,
         "rows": rows,
         "max_inference_ratio_worst": worst,
         "target_ratio": TARGET_INFERENCE_RATIO,

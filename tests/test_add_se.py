@@ -82,8 +82,6 @@ def test_add_se_keeps_weights_shape_and_scripts(case, spatial_dims):
         y = model(x)
         assert y.shape == y0.shape
         assert not torch.allclose(y, y0)  # the SE blocks are on the path
-        # eager mode takes the compiled CPU kernels where they are built, the scripted model the PyTorch path:
-        # the same math, summed in another order (measured difference 5e-6 on outputs up to 2.9)
         assert torch.allclose(torch.jit.script(model)(x), y, rtol=1e-5, atol=1e-5)
 
 

@@ -20,6 +20,7 @@ from scse_monai.networks import (
     count_parameters,
     format_parameter_table,
     get_network,
+    network_target,
     parameter_table,
 )
 from scse_monai.networks.sampling import crop_to, max_unpool, pad_to_multiple
@@ -111,14 +112,14 @@ def test_exact_se_parameter_deltas(name):
 
 
 def test_parameter_table_matches_counts():
-    rows = parameter_table(networks=["se_sdnet"], features=8, kernel_size=3)
+    rows = parameter_table(networks=["sdnet"], features=8, kernel_size=3)
     base = count_parameters(SESDNet(2, 1, 2, features=8, kernel_size=3, se=None))
     assert [r["se"] for r in rows] == ["none", "cse", "sse", "scse"]
     assert rows[0]["parameters"] == base
     assert rows[3]["added"] == 8 * (8 * 4 * 2 + 4 + 8 + 9)
     table = format_parameter_table(rows)
     assert table.splitlines()[0].startswith("| network | SE |")
-    assert f"| se_sdnet | scse | {rows[3]['parameters']:,} |" in table
+    assert f"| sdnet | scse | {rows[3]['parameters']:,} |" in table
 
 
 @pytest.mark.parametrize("cls", NETS)
@@ -195,6 +196,27 @@ def test_onnx_export(cls, spatial_dims):
     assert abs(session.run(None, {"x": x.numpy()})[0] - expected).max() < 1e-5
 
 
+@pytest.mark.parametrize("cls", NETS)
+def test_torch_compile_fullgraph_equals_eager(cls):
+    # one graph without breaks (fullgraph=True) for the inference path (in-place SE blocks under no_grad) and the
+    # training path (the autograd formulas). Inference runs through aot_eager, the functionalized graph inductor would
+    # fuse, without inductor's C++ compile step; training through dynamo alone (an aot_eager joint graph triples the
+    # test's time), checking the gradients as well.
+    torch.manual_seed(0)
+    net = tiny(cls, 2, se="scse").eval()
+    x = torch.randn(SHAPES[2])
+    with torch.no_grad():
+        compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-6, atol=1e-6)
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ye, yc = net(xe), compiled(xc)
+    torch.testing.assert_close(yc, ye, rtol=1e-6, atol=1e-6)
+    ye.square().sum().backward()
+    yc.square().sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
+
+
 @contextlib.contextmanager
 def _recording_storage_reuse(blocks):
     """Yields a list that gets, per SE block call, whether the block's output shares its input's storage."""
@@ -269,8 +291,11 @@ def test_registry_and_bundle_target():
     net = get_network("SE_UNet", spatial_dims=2, in_channels=1, out_channels=2, features=4, se="cse")
     assert isinstance(net, SEUNet) and len(se_blocks(net)) == 8
     assert all(isinstance(b, ChannelSELayer) for b in se_blocks(net))
-    with pytest.raises(ValueError, match="se_fcdensenet.*se_sdnet.*se_unet"):
-        get_network("unet", spatial_dims=2, in_channels=1, out_channels=2)
+    dense = get_network("fcdensenet", spatial_dims=2, in_channels=1, out_channels=2, features=4)
+    assert isinstance(dense, SEFCDenseNet)
+    assert network_target("SDNet") == "scse_monai.networks.SESDNet"
+    with pytest.raises(ValueError, match=r"allowed: \['unet', 'sdnet', 'fcdensenet'\]"):
+        get_network("vnet", spatial_dims=2, in_channels=1, out_channels=2)
     parser = ConfigParser(
         {
             "net": {

@@ -1,7 +1,7 @@
 """SE segmentation networks (SE-UNet, SE-SDNet, SE-FCDenseNet), their registry, and ``add_se`` for MONAI nets."""
 
 from scse_monai.networks.encoder_decoder import SEEncoderDecoder
-from scse_monai.networks.registry import NETWORKS, get_network
+from scse_monai.networks.registry import NETWORKS, get_network, network_class, network_target
 from scse_monai.networks.retrofit import SUPPORTED_MODELS, add_se
 from scse_monai.networks.se_fcdensenet import SEFCDenseNet
 from scse_monai.networks.se_sdnet import SESDNet
@@ -18,6 +18,8 @@ __all__ = [
     "count_parameters",
     "format_parameter_table",
     "get_network",
+    "network_class",
+    "network_target",
     "parameter_table",
 ]
 

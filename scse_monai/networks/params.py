@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from scse_monai.blocks import SE_LAYER_NAMES
 from scse_monai.networks.registry import NETWORKS, get_network
 
 __all__ = ["count_parameters", "format_parameter_table", "parameter_table"]
-
-SE_VARIANTS: tuple[str, ...] = ("none", "cse", "sse", "scse")
 
 
 def count_parameters(model) -> int:
@@ -22,7 +21,7 @@ def count_parameters(model) -> int:
 
 def parameter_table(
     networks: Sequence[str] = tuple(NETWORKS),
-    se_variants: Sequence[str] = SE_VARIANTS,
+    se_variants: Sequence[str] = SE_LAYER_NAMES,
     spatial_dims: int = 2,
     in_channels: int = 1,
     out_channels: int = 2,
@@ -46,7 +45,7 @@ def parameter_table(
 
     Example::
 
-        >>> rows = parameter_table(networks=["se_unet"], features=64)
+        >>> rows = parameter_table(networks=["unet"], features=64)
         >>> [r["added"] for r in rows]
         [0, 33536, 520, 34056]
     """
