@@ -1,7 +1,7 @@
 """Ignite handlers for MONAI workflows: on-device Dice / Jaccard metrics, a per-case CSV saver, training curves.
 
-- :class:`SegmentationDice` / :class:`SegmentationJaccard` are ignite ``Metric`` s built on
-  :class:`scse_monai.metrics.SegmentationMetrics`, usable as a MONAI evaluator's ``key_val_metric`` or
+- :class:`GlobalDice` / :class:`GlobalJaccard` are MONAI ``IgniteMetricHandler`` s around
+  :class:`scse_monai.metrics.SegmentationCountsMetric`, usable as a MONAI evaluator's ``key_val_metric`` or
   ``additional_metrics``. The value is the mean over classes of the *global* (pooled) score; per-class values
   go to ``engine.state.metrics["<name>_<class>"]`` (so MONAI's ``StatsHandler``, ``TensorBoardStatsHandler``,
   ``MLFlowHandler`` and ``MetricsSaver`` log them unchanged) and the case x class table to
@@ -14,10 +14,10 @@ MONAI's ``StatsHandler``, ``TensorBoardStatsHandler``, ``MLFlowHandler``, ``Chec
 
 Example bundle config (evaluator)::
 
-    "key_val_metric": {"val_mean_dice": {"_target_": "scse_monai.handlers.SegmentationDice",
+    "key_val_metric": {"val_mean_dice": {"_target_": "scse_monai.handlers.GlobalDice",
         "num_classes": 5, "class_names": "@class_names",
         "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
-    "additional_metrics": {"val_mean_jaccard": {"_target_": "scse_monai.handlers.SegmentationJaccard",
+    "additional_metrics": {"val_mean_jaccard": {"_target_": "scse_monai.handlers.GlobalJaccard",
         "num_classes": 5, "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
     "val_handlers": [{"_target_": "scse_monai.handlers.PerCaseMetricsSaver", "output_dir": "@output_dir",
         "class_names": ["liver", "right_kidney", "left_kidney", "spleen"]}]
@@ -30,6 +30,7 @@ import io
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,22 +38,21 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced
+from monai.handlers import IgniteMetricHandler
 from monai.handlers.utils import from_engine
 
 from scse_monai.atomic import write_bytes_atomic
-from scse_monai.metrics import SegmentationMetrics, case_name_from_meta
+from scse_monai.metrics import SegmentationCountsMetric, case_name_from_meta
 
 __all__ = [
+    "GlobalDice",
+    "GlobalJaccard",
+    "GlobalOverlap",
     "PerCaseMetricsSaver",
-    "SegmentationDice",
-    "SegmentationJaccard",
-    "SegmentationMetric",
     "TrainingCurvePlotter",
     "batch_case_names",
 ]
-
-_METRICS = ("dice", "jaccard")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -183,39 +183,35 @@ def _key(label: str) -> str:
     return re.sub(r"[^\w.-]+", "_", label.strip()) or "class"
 
 
-def _check_metric(metric: str) -> str:
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
-    return metric
-
-
 # ---------------------------------------------------------------------------------------------- metrics
-class SegmentationMetric(Metric):
-    """Ignite metric: mean over classes of the global (pooled) Dice or Jaccard, counted on device.
+class GlobalOverlap(IgniteMetricHandler):
+    """MONAI metric handler: mean over classes of the global (pooled) Dice or Jaccard, counted on device.
 
-    Differences from ``monai.handlers.MeanDice`` (why this exists): pooled counts (the SE papers' global
-    Dice) instead of a mean of per-case scores, label maps accepted without one-hot expansion, Jaccard from the
-    same counts, per-class values published as separate scalars, and several times faster.
+    An ``IgniteMetricHandler`` around :class:`scse_monai.metrics.SegmentationCountsMetric`. Differences from
+    ``monai.handlers.MeanDice`` (why this exists): pooled counts (the SE papers' global Dice) instead of a mean of
+    per-case scores, label maps accepted without one-hot expansion, Jaccard from the same counts, per-class values
+    published as separate scalars, case names taken from the batch's meta data, and several times faster.
 
     Args:
         num_classes: number of classes including background; may be omitted when ``class_names`` is a
             mapping that covers every label.
         include_background: report class 0 too.
-        metric: ``"dice"`` or ``"jaccard"``.
+        metric_name: ``"dice"`` or ``"jaccard"``.
         class_names: names of the reported classes (list) or ``{"label index": name}`` (e.g. a bundle's
             ``channel_def``); used for the per-class keys ``"<name>_<class>"`` (spaces and symbols in a class
             name become ``_``: ``"right kidney"`` -> ``right_kidney``); default ``class<i>``.
         per_class: also put each class's value in ``engine.state.metrics``.
         save_details: put the case x class table into ``engine.state.metric_details[name]`` (float64 tensor,
-            NaN where the class is absent from prediction and label of a case).
+            NaN where the class is absent from prediction and label of a case; what MONAI's ``MetricsSaver`` reads).
         output_transform: maps ``engine.state.output`` to ``(y_pred, y)``: batched tensors or lists of per-case
             ``(1 or C, ...)`` tensors (``monai.handlers.from_engine(["pred", "label"])``).
 
     Example::
 
-        >>> metric = SegmentationDice(num_classes=3)
-        >>> metric.update((torch.tensor([[[0, 1, 2, 2]]]), torch.tensor([[[0, 1, 2, 1]]])))
-        >>> round(metric.compute(), 4)
+        >>> handler = GlobalDice(num_classes=3)
+        >>> handler.update((torch.tensor([[[0, 1, 2, 2]]]), torch.tensor([[[0, 1, 2, 1]]])))
+        >>> handler.save_details = False
+        >>> round(handler.compute(), 4)
         0.6667
     """
 
@@ -223,77 +219,66 @@ class SegmentationMetric(Metric):
         self,
         num_classes: int | None = None,
         include_background: bool = False,
-        metric: str = "dice",
+        metric_name: str = "dice",
         class_names: Sequence[str] | Mapping[Any, str] | None = None,
         per_class: bool = True,
         save_details: bool = True,
         output_transform: Callable = lambda x: x,
     ) -> None:
-        self.metric = _check_metric(metric)
-        self.num_classes, self.class_labels = _resolve_classes(class_names, num_classes, include_background)
+        num_classes, self.class_labels = _resolve_classes(class_names, num_classes, include_background)
+        metric = SegmentationCountsMetric(num_classes, include_background, metric_name)
+        super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
+        # ignite would unroll lists of per-case tensors into one update per case, without their meta data (case names)
+        self._skip_unrolling = True
+        self.num_classes = num_classes
         self.include_background = include_background
+        self.metric_name = metric_name
         self.per_class = per_class
-        self.save_details = save_details
-        self._engine: Engine | None = None
-        self._name: str | None = None
         self.last_result: dict[str, Any] | None = None
-        self._counter = SegmentationMetrics(self.num_classes, include_background)
-        # unrolling by ignite would drop the per-case meta data used for case names: lists are handled here
-        super().__init__(output_transform=output_transform, skip_unrolling=True)
 
+    @reinit__is_reduced
     def reset(self) -> None:
-        self._counter.reset()
+        super().reset()
         self.last_result = None
 
+    @reinit__is_reduced
     def update(self, output: Sequence[Any]) -> None:
+        """Counts ``(y_pred, y)``, named after the cases of the attached engine's batch."""
         if len(output) != 2:
             raise ValueError(f"{type(self).__name__}: output_transform must give (y_pred, y), got {len(output)} items.")
         y_pred, y = output
         batch = self._engine.state.batch if self._engine is not None else None
-        self._counter.update(y_pred, y, names=batch_case_names(y_pred, y, batch))
+        self.metric_fn(y_pred, y, names=batch_case_names(y_pred, y, batch))
 
     def compute(self) -> float:
-        """Mean global score; the full result dict of :class:`SegmentationMetrics` is kept in ``last_result``."""
-        if len(self._counter) == 0 and idist.get_world_size() == 1:
-            from ignite.exceptions import NotComputableError
-
-            raise NotComputableError(f"{type(self).__name__} must have at least one case before compute().")
-        self.last_result = self._counter.compute()
-        return float(self.last_result[f"mean_{self.metric}"])
+        """Mean global score; the full :meth:`SegmentationCountsMetric.results` dict is kept in ``last_result``."""
+        self.last_result = self.metric_fn.results()
+        if self.save_details:
+            if self._engine is None or self._name is None:
+                raise RuntimeError("please call the attach() function to connect expected engine first.")
+            self._engine.state.metric_details[self._name] = self.last_result[f"case_{self.metric_name}"]
+        return float(self.last_result[f"mean_{self.metric_name}"])
 
     def completed(self, engine: Engine, name: str) -> None:
-        value = self.compute()
-        result = self.last_result
-        assert result is not None
-        engine.state.metrics[name] = value
-        if self.per_class:
-            for label, v in zip(self.class_labels, result[self.metric].tolist(), strict=True):
+        super().completed(engine, name)
+        if self.per_class and self.last_result is not None:
+            values = self.last_result[self.metric_name].tolist()
+            for label, v in zip(self.class_labels, values, strict=True):
                 engine.state.metrics[f"{name}_{_key(label)}"] = float(v)
-        if self.save_details:
-            if not hasattr(engine.state, "metric_details"):
-                engine.state.metric_details = {}
-            engine.state.metric_details[name] = result[f"case_{self.metric}"]
-
-    def attach(self, engine: Engine, name: str, *args: Any, **kwargs: Any) -> None:
-        super().attach(engine, name, *args, **kwargs)
-        self._engine = engine
-        self._name = name
-        if self.save_details and not hasattr(engine.state, "metric_details"):
-            engine.state.metric_details = {}
 
 
-class SegmentationDice(SegmentationMetric):
-    """:class:`SegmentationMetric` with ``metric="dice"``: mean global Dice, per-class Dice, per-case table."""
+class GlobalDice(GlobalOverlap):
+    """:class:`GlobalOverlap` with ``metric_name="dice"``: mean global Dice, per-class Dice, per-case table."""
 
     def __init__(self, num_classes: int | None = None, include_background: bool = False, **kwargs: Any) -> None:
-        super().__init__(num_classes, include_background, metric="dice", **kwargs)
+        super().__init__(num_classes, include_background, metric_name="dice", **kwargs)
 
 
-class SegmentationJaccard(SegmentationMetric):
-    """:class:`SegmentationMetric` with ``metric="jaccard"``: mean global Jaccard (IoU), per class, per case."""
+class GlobalJaccard(GlobalOverlap):
+    """:class:`GlobalOverlap` with ``metric_name="jaccard"``: mean global Jaccard (IoU), per class, per case."""
 
     def __init__(self, num_classes: int | None = None, include_background: bool = False, **kwargs: Any) -> None:
-        super().__init__(num_classes, include_background, metric="jaccard", **kwargs)
+        super().__init__(num_classes, include_background, metric_name="jaccard", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- savers
@@ -314,7 +299,7 @@ class PerCaseMetricsSaver:
     Why not ``monai.handlers.MetricsSaver``: it writes one metric's details at a time with generic
     ``class0..`` headers, no pooled score, no plot, and not atomically.
 
-    The handler counts on its own (same on-device counting as :class:`SegmentationDice`; cheap), so it does not
+    The handler counts on its own (same on-device counting as :class:`GlobalDice`; cheap), so it does not
     depend on which metrics the evaluator has.
 
     Args:
@@ -351,7 +336,7 @@ class PerCaseMetricsSaver:
         self.output_transform = output_transform or from_engine(["pred", "label"])
         self.image_key = image_key
         self.boxplot = boxplot
-        self._counter = SegmentationMetrics(self.num_classes, include_background)
+        self._counter = SegmentationCountsMetric(self.num_classes, include_background)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._counter.reset())
@@ -361,10 +346,10 @@ class PerCaseMetricsSaver:
     @torch.no_grad()
     def _update(self, engine: Engine) -> None:
         y_pred, y = self.output_transform(engine.state.output)
-        self._counter.update(y_pred, y, names=batch_case_names(y_pred, y, engine.state.batch, self.image_key))
+        self._counter(y_pred, y, names=batch_case_names(y_pred, y, engine.state.batch, self.image_key))
 
     def _save(self, engine: Engine) -> None:
-        result = self._counter.compute()  # collective under DDP: every rank takes part
+        result = self._counter.results()  # collective under DDP: every rank takes part
         if idist.get_rank() == 0:
             self.write(result)
 
@@ -374,7 +359,7 @@ class PerCaseMetricsSaver:
         return {"per_case": f"{p}_per_case.csv", "summary": f"{p}_summary.csv", "boxplot": f"{p}_dice_boxplot.png"}
 
     def write(self, result: Mapping[str, Any]) -> dict[str, str]:
-        """Write the files from a :meth:`SegmentationMetrics.compute` result; returns their paths."""
+        """Write the files from a :meth:`SegmentationCountsMetric.results` dict; returns their paths."""
         paths = self.paths()
         labels = self.class_labels
         case_dice = np.asarray(result["case_dice"], dtype=np.float64)
@@ -399,9 +384,10 @@ class PerCaseMetricsSaver:
             n = int((~np.isnan(case_dice[:, k])).sum())
             summary.append([_key(label), *stats(case_dice[:, k]), *stats(case_jac[:, k]), n, glob_d[k], glob_j[k]])
         # "mean" row: per case, the mean over the classes scored in that case
-        with np.errstate(all="ignore"):
-            case_mean_d = _row_nanmean(case_dice)
-            case_mean_j = _row_nanmean(case_jac)
+        with warnings.catch_warnings():  # a case without any scored class has no mean: NaN, without a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            case_mean_d = np.nanmean(case_dice, axis=1)
+            case_mean_j = np.nanmean(case_jac, axis=1)
         summary.append(
             ["mean", *stats(case_mean_d), *stats(case_mean_j), int((~np.isnan(case_mean_d)).sum()),
              float(result["mean_dice"]), float(result["mean_jaccard"])]
@@ -428,13 +414,6 @@ def _to_float(v: Any) -> Any:
     return v if isinstance(v, int) else float(v)
 
 
-def _row_nanmean(a: np.ndarray) -> np.ndarray:
-    valid = ~np.isnan(a)
-    counts = valid.sum(1)
-    sums = np.where(valid, a, 0.0).sum(1)
-    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-
-
 class TrainingCurvePlotter:
     """Save training-loss and validation-metric curves (PNG + CSV) every N epochs and when training completes.
 
@@ -443,7 +422,7 @@ class TrainingCurvePlotter:
 
     The mean training loss of each epoch is accumulated on device (no per-iteration ``.item()``). Validation
     metrics are read from ``evaluator.state.metrics`` each time the evaluator completes (numbers only, e.g. the
-    key metric and the ``<name>_<class>`` entries of :class:`SegmentationDice`). When the trainer resumes from
+    key metric and the ``<name>_<class>`` entries of :class:`GlobalDice`). When the trainer resumes from
     a checkpoint, the rows of earlier epochs are read back from the CSV. Only rank 0 writes.
 
     Files: ``<prefix>.csv`` (``epoch, loss, <metric>...``) and ``<prefix>.png`` (loss left, metrics right).

@@ -1,7 +1,8 @@
 """On-device Dice / Jaccard accumulation for multi-class segmentation, per case and pooled.
 
-:class:`SegmentationMetrics` keeps, for every case seen since :meth:`~SegmentationMetrics.reset`, three voxel
-counts per class: the intersection ``|P_c & T_c|``, the prediction size ``|P_c|`` and the target size ``|T_c|``.
+:class:`SegmentationCountsMetric` (a MONAI ``CumulativeIterationMetric``) keeps, for every case seen since
+``reset()``, three voxel counts per class: the intersection ``|P_c & T_c|``, the prediction size ``|P_c|`` and the
+target size ``|T_c|``.
 From them it derives
 
 - the *global* (pooled) Dice and Jaccard per class, summing the counts over every voxel of every case: the
@@ -16,8 +17,9 @@ label maps directly is a single ``scatter_add_`` over a ``B x C x C`` confusion 
 (see ``benchmarks/bench_metrics.py``), and the counts stay on the input's device until :meth:`compute`: there is
 no ``.item()`` / ``.cpu()`` (no host synchronisation) per update.
 
-Under ``torch.distributed`` (through :mod:`ignite.distributed`), :meth:`compute` gathers the per-case rows (and
-case names) of all ranks, so the pooled counts are the all-reduced sum and every rank's cases appear.
+Under ``torch.distributed`` the per-case rows of all ranks are gathered by MONAI's ``Cumulative`` buffers
+(``evenly_divisible_all_gather``) and the case names by ``string_list_all_gather``, so the pooled counts cover
+every rank's cases. For ignite engines, :class:`scse_monai.handlers.GlobalDice` / ``GlobalJaccard`` wrap it.
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
+from monai.metrics import CumulativeIterationMetric
+from monai.utils import string_list_all_gather
 
-__all__ = ["SegmentationMetrics", "case_name_from_meta", "dice_jaccard_from_counts"]
+__all__ = ["METRIC_NAMES", "SegmentationCountsMetric", "case_name_from_meta", "dice_jaccard_from_counts"]
+
+#: the scores :class:`SegmentationCountsMetric` derives from its counts
+METRIC_NAMES: tuple[str, ...] = ("dice", "jaccard")
 
 
 #: float32 holds every integer up to 2**24 exactly, so a float32 sum of that many 0/1 values is exact whatever the
@@ -99,23 +106,29 @@ def case_name_from_meta(meta: Any, default: str) -> str:
     return base
 
 
-class SegmentationMetrics:
+class SegmentationCountsMetric(CumulativeIterationMetric):
     """Accumulate per-case, per-class voxel counts on device; derive global and per-case Dice / Jaccard.
+
+    A MONAI ``CumulativeIterationMetric``: ``metric(y_pred, y)`` adds a batch, :meth:`aggregate` gives the mean
+    global score named by ``metric_name`` (what ``IgniteMetricHandler`` records), :meth:`results` everything.
 
     Args:
         num_classes: number of classes **including** the background (label values ``0 .. num_classes - 1``);
             at least 2.
         include_background: whether class 0 is reported. The background is always counted (it is part of
             the one-hot / label map), only left out of the results when False.
+        metric_name: the score :meth:`aggregate` returns, ``"dice"`` or ``"jaccard"``.
 
-    ``update(y_pred, y)`` takes, for each of ``y_pred`` and ``y`` independently,
+    ``metric(y_pred, y, names=None)`` takes, for each of ``y_pred`` and ``y`` independently,
 
     - a label map ``(B, 1, *spatial)`` (integer or float class indices), or
     - a one-hot / multi-label mask ``(B, num_classes, *spatial)`` (any dtype, nonzero = inside), or
     - a sequence of per-case ``(1 or C, *spatial)`` tensors (MONAI's decollated batches; the cases may have
-      different spatial shapes).
+      different spatial shapes);
 
-    ``compute()`` returns a dict with float64 CPU tensors / floats:
+    and optional case names, one per case. It returns the batch's ``(B, C, 3)`` counts.
+
+    :meth:`results` returns a dict with float64 CPU tensors / floats:
 
     - ``"classes"``: the reported class indices (``1 .. C-1`` without background);
     - ``"dice"``, ``"jaccard"``: ``(K,)`` per class, from counts pooled over every case (global Dice);
@@ -124,36 +137,65 @@ class SegmentationMetrics:
     - ``"case_dice"``, ``"case_jaccard"``: ``(N, K)`` per case, ``NaN`` where the class is absent from both
       the case's prediction and target;
     - ``"counts"``: ``(N, K, 3)`` int64 per-case ``[intersection, prediction, target]``;
-    - ``"case_names"``: ``N`` names (given to ``update`` or ``"case_<i>"``).
+    - ``"case_names"``: ``N`` names (given with the batches, or ``"case_<i>"``).
 
     Label maps with values outside ``[0, num_classes)`` are flagged on device (no host sync) and make
-    :meth:`compute` raise ``ValueError``.
+    :meth:`results` / :meth:`aggregate` raise ``ValueError``.
 
     Example::
 
-        >>> m = SegmentationMetrics(num_classes=3)
-        >>> m.update(torch.tensor([[[0, 1, 2, 2]]]), torch.tensor([[[0, 1, 2, 1]]]))
-        >>> r = m.compute()
+        >>> m = SegmentationCountsMetric(num_classes=3)
+        >>> _ = m(torch.tensor([[[0, 1, 2, 2]]]), torch.tensor([[[0, 1, 2, 1]]]))
+        >>> r = m.results()
         >>> r["dice"], r["mean_dice"]
         (tensor([0.6667, 0.6667], dtype=torch.float64), 0.6666666666666666)
     """
 
-    def __init__(self, num_classes: int, include_background: bool = False) -> None:
+    def __init__(self, num_classes: int, include_background: bool = False, metric_name: str = "dice") -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}.")
+        if metric_name not in METRIC_NAMES:
+            raise ValueError(f"metric_name must be one of {METRIC_NAMES}, got {metric_name!r}.")
         self.num_classes = num_classes
         self.include_background = bool(include_background)
-        self.reset()
+        self.metric_name = metric_name
+        super().__init__()
 
     def reset(self) -> None:
         """Forget every case seen so far."""
-        self._rows: list[torch.Tensor] = []
+        super().reset()
         self._names: list[str | None] = []
         self._invalid: torch.Tensor | None = None
 
-    def __len__(self) -> int:
-        """Number of cases accumulated on this process."""
-        return len(self._names)
+    def __call__(  # type: ignore[override]
+        self,
+        y_pred: torch.Tensor | Sequence[torch.Tensor],
+        y: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        names: Sequence[str | None] | None = None,
+    ) -> torch.Tensor:
+        """Counts a batch (or a list of per-case tensors) of predictions against targets; returns its counts.
+
+        Args:
+            y_pred: predicted label map ``(B, 1, ...)`` or one-hot ``(B, C, ...)``, or a sequence of per-case
+                ``(1 or C, ...)`` tensors.
+            y: ground truth, same conventions (may use the other encoding than ``y_pred``).
+            names: optional case names, one per case, used in :meth:`results`'s ``"case_names"``.
+        """
+        if y is None or isinstance(y_pred, torch.Tensor) != isinstance(y, torch.Tensor):
+            raise TypeError("y_pred and y must both be tensors or both be sequences of per-case tensors.")
+        n = y_pred.shape[0] if isinstance(y_pred, torch.Tensor) else len(y_pred)
+        if not isinstance(y_pred, torch.Tensor) and len(y_pred) != len(y):
+            raise ValueError(f"y_pred has {len(y_pred)} cases but y has {len(y)}.")
+        if names is not None and len(names) != n:
+            raise ValueError(f"got {len(names)} names for {n} cases.")
+        if n == 0:
+            return torch.zeros(0, self.num_classes, 3, dtype=torch.int64)
+        counts = super().__call__(y_pred, y)  # added to the buffer
+        self._names.extend(names if names is not None else [None] * n)
+        return counts
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return self._counts(y_pred, y)
 
     # ------------------------------------------------------------------ counting
     def _label_map(self, x: torch.Tensor, what: str) -> torch.Tensor:
@@ -238,73 +280,31 @@ class SegmentationMetrics:
             return self._counts_from_labels(self._label_map(y_pred, "y_pred"), self._label_map(y, "y"))
         return self._counts_per_class_row(y_pred, y)
 
-    def update(
-        self,
-        y_pred: torch.Tensor | Sequence[torch.Tensor],
-        y: torch.Tensor | Sequence[torch.Tensor],
-        names: Sequence[str | None] | None = None,
-    ) -> None:
-        """Count a batch (or a list of per-case tensors) of predictions against targets.
-
-        Args:
-            y_pred: predicted label map ``(B, 1, ...)`` or one-hot ``(B, C, ...)``, or a sequence of per-case
-                ``(1 or C, ...)`` tensors.
-            y: ground truth, same conventions (may use the other encoding than ``y_pred``).
-            names: optional case names, one per case, used in :meth:`compute`'s ``"case_names"``.
-        """
-        if isinstance(y_pred, torch.Tensor) != isinstance(y, torch.Tensor):
-            raise TypeError("y_pred and y must both be tensors or both be sequences of per-case tensors.")
-        if isinstance(y_pred, torch.Tensor):
-            rows = self._counts(torch.as_tensor(y_pred), torch.as_tensor(y))
-        else:
-            if len(y_pred) != len(y):
-                raise ValueError(f"y_pred has {len(y_pred)} cases but y has {len(y)}.")
-            if len(y_pred) == 0:
-                return
-            rows = torch.cat([self._counts(p.unsqueeze(0), t.unsqueeze(0)) for p, t in zip(y_pred, y, strict=True)])
-        n = rows.shape[0]
-        if names is None:
-            names = [None] * n
-        elif len(names) != n:
-            raise ValueError(f"got {len(names)} names for {n} cases.")
-        self._rows.append(rows)
-        self._names.extend(names)
-
     # ------------------------------------------------------------------ results
-    def _gathered(self) -> tuple[torch.Tensor, list[str | None], int]:
-        """Per-case rows and names of all ranks (rank order), and the number of out-of-range label maps."""
-        c = self.num_classes
-        device = self._rows[0].device if self._rows else idist.device()
-        rows = torch.cat(self._rows) if self._rows else torch.zeros(0, c, 3, dtype=torch.int64, device=device)
-        invalid = self._invalid if self._invalid is not None else torch.zeros((), dtype=torch.int64, device=device)
-        names = list(self._names)
+    def _gathered_invalid(self) -> int:
+        invalid = self._invalid if self._invalid is not None else torch.zeros((), dtype=torch.int64)
         if idist.get_world_size() > 1:
-            # Ranks may hold different numbers of cases (e.g. DistributedSampler(even_divisible=False)): pad to
-            # the largest, all_gather, strip the padding again.
-            comm_device = idist.device()
-            sizes = [int(s) for s in idist.all_gather(torch.tensor([rows.shape[0]], device=comm_device)).tolist()]
-            padded = torch.zeros(max(sizes), c, 3, dtype=torch.int64, device=comm_device)
-            padded[: rows.shape[0]] = rows.to(comm_device)
-            everything = idist.all_gather(padded).view(len(sizes), max(sizes), c, 3)
-            rows = torch.cat([everything[r, :s] for r, s in enumerate(sizes)])
-            invalid = idist.all_reduce(invalid.to(comm_device).reshape(1)).sum()
-            names = [n for rank_names in idist.all_gather(names) for n in rank_names]
-        return rows, names, int(invalid)
+            invalid = idist.all_reduce(invalid.to(idist.device()).reshape(1))
+        return int(invalid.sum())
 
-    def compute(self) -> dict[str, Any]:
-        """Gather (under DDP) and turn the counts into scores; see the class docstring for the keys.
+    def results(self) -> dict[str, Any]:
+        """Gathers (under DDP: every rank must call it) and turns the counts into scores; see the class docstring.
 
         Raises:
             ValueError: if no case was accumulated or some label was outside ``[0, num_classes)``.
         """
-        rows, names, invalid = self._gathered()
+        rows = self.get_buffer()  # every rank's cases, in rank order
+        invalid = self._gathered_invalid()
+        names = self._names
+        if idist.get_world_size() > 1:
+            names = [n or None for n in string_list_all_gather([n or "" for n in names])]
         if invalid:
             raise ValueError(
-                f"{invalid} label map(s) given to update() had values outside [0, {self.num_classes}); "
+                f"{invalid} label map(s) given to the metric had values outside [0, {self.num_classes}); "
                 "check num_classes and the label maps."
             )
-        if rows.shape[0] == 0:
-            raise ValueError("SegmentationMetrics.compute() called before any update().")
+        if rows is None or rows.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__}.results() called before any update.")
         first = 0 if self.include_background else 1
         rows = rows[:, first:].cpu()
         dice, jaccard = dice_jaccard_from_counts(rows.sum(0))
@@ -313,15 +313,14 @@ class SegmentationMetrics:
             "classes": list(range(first, self.num_classes)),
             "dice": dice,
             "jaccard": jaccard,
-            "mean_dice": _nanmean(dice),
-            "mean_jaccard": _nanmean(jaccard),
+            "mean_dice": float(torch.nanmean(dice)),
+            "mean_jaccard": float(torch.nanmean(jaccard)),
             "case_dice": case_dice,
             "case_jaccard": case_jaccard,
             "counts": rows,
             "case_names": [n if n else f"case_{i}" for i, n in enumerate(names)],
         }
 
-
-def _nanmean(x: torch.Tensor) -> float:
-    valid = ~torch.isnan(x)
-    return float(x[valid].mean()) if bool(valid.any()) else math.nan
+    def aggregate(self) -> torch.Tensor:  # type: ignore[override]
+        """The mean over classes of the global ``metric_name`` score, a float64 scalar tensor."""
+        return torch.tensor(self.results()[f"mean_{self.metric_name}"], dtype=torch.float64)

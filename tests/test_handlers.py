@@ -15,9 +15,9 @@ from monai.data import MetaTensor
 from monai.networks.utils import one_hot
 
 from scse_monai.handlers import (
+    GlobalDice,
+    GlobalJaccard,
     PerCaseMetricsSaver,
-    SegmentationDice,
-    SegmentationJaccard,
     TrainingCurvePlotter,
     batch_case_names,
 )
@@ -86,7 +86,7 @@ def _evaluator_config(items: list[dict], out_dir: str) -> dict:
         },
         "key_metric": {
             "val_mean_dice": {
-                "_target_": "scse_monai.handlers.SegmentationDice",
+                "_target_": "scse_monai.handlers.GlobalDice",
                 "num_classes": "@num_classes",
                 "class_names": "@class_names",
                 "output_transform": "$monai.handlers.from_engine(['pred', 'label'])",
@@ -94,16 +94,34 @@ def _evaluator_config(items: list[dict], out_dir: str) -> dict:
         },
         "additional_metrics": {
             "val_mean_jaccard": {
-                "_target_": "scse_monai.handlers.SegmentationJaccard",
+                "_target_": "scse_monai.handlers.GlobalJaccard",
                 "num_classes": "@num_classes",
                 "output_transform": "$monai.handlers.from_engine(['pred', 'label'])",
-            }
+            },
+            # the metric in MONAI's own handler, unchanged
+            "monai_handler_jaccard": {
+                "_target_": "IgniteMetricHandler",
+                "metric_fn": {
+                    "_target_": "scse_monai.metrics.SegmentationCountsMetric",
+                    "num_classes": "@num_classes",
+                    "metric_name": "jaccard",
+                },
+                "output_transform": "$monai.handlers.from_engine(['pred', 'label'])",
+                "save_details": False,
+            },
         },
         "handlers": [
             {
                 "_target_": "scse_monai.handlers.PerCaseMetricsSaver",
                 "output_dir": "@output_dir",
                 "class_names": "@class_names",
+            },
+            {
+                "_target_": "MetricsSaver",
+                "save_dir": "$@output_dir + '/monai_saver'",
+                "metrics": "*",
+                "metric_details": ["val_mean_dice"],
+                "batch_transform": "$lambda batch: [item['image'].meta for item in batch]",
             },
         ],  # fmt: skip
         "evaluator": {
@@ -144,6 +162,21 @@ def test_key_and_additional_metrics_in_evaluator(evaluated):
     np.testing.assert_allclose(details["val_mean_jaccard"].numpy(), ref["case_jaccard"])
     assert math.isnan(details["val_mean_dice"][0, 1])  # class 2 absent from case 0
     assert evaluator.state.best_metric == pytest.approx(metrics["val_mean_dice"])
+    # MONAI's IgniteMetricHandler records the metric's aggregate() unchanged
+    assert metrics["monai_handler_jaccard"] == pytest.approx(np.nanmean(ref["jaccard"]))
+
+
+def test_monai_metrics_saver_writes_the_per_case_table(evaluated):
+    _, items, out = evaluated
+    ref = _reference(items)
+    saved = out / "monai_saver"
+    metrics = dict(line.split(",") for line in (saved / "metrics.csv").read_text().splitlines())
+    assert float(metrics["val_mean_dice"]) == pytest.approx(np.nanmean(ref["dice"]))
+    with open(saved / "val_mean_dice_raw.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert [r[0].rsplit("/", 1)[-1] for r in rows[1:]] == [f"patient_{i:02d}.nii.gz" for i in range(len(items))]
+    got = np.array([[float(v) for v in r[1:C]] for r in rows[1:]])
+    np.testing.assert_allclose(got, ref["case_dice"], rtol=1e-4)
 
 
 def _read_csv(path) -> list[dict]:
@@ -182,8 +215,8 @@ def test_batched_tensors_in_plain_ignite_engine():
     preds = torch.stack([it["pred_labels"] for it in items])
     labels = torch.stack([it["label"].as_tensor() for it in items])
     engine = Engine(lambda e, b: b)
-    SegmentationDice(class_names={"0": "bg", "1": "a", "2": "b", "3": "c"}).attach(engine, "dice")
-    SegmentationJaccard(C).attach(engine, "iou")
+    GlobalDice(class_names={"0": "bg", "1": "a", "2": "b", "3": "c"}).attach(engine, "dice")
+    GlobalJaccard(C).attach(engine, "iou")
     engine.run([(preds[:2], labels[:2]), (preds[2:], labels[2:])])
     ref = _reference(items)
     assert engine.state.metrics["dice"] == pytest.approx(np.nanmean(ref["dice"]))
@@ -209,9 +242,9 @@ def test_saver_and_metric_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="class_names has 2 entries; expected 3"):
         PerCaseMetricsSaver(tmp_path, class_names=["a", "b"], num_classes=4)
     with pytest.raises(ValueError, match="num_classes or class_names"):
-        SegmentationDice()
+        GlobalDice()
     # a class list including the background is accepted and the background dropped
-    assert SegmentationDice(num_classes=3, class_names=["background", "a", "b"]).class_labels == ["a", "b"]
+    assert GlobalDice(num_classes=3, class_names=["background", "a", "b"]).class_labels == ["a", "b"]
 
 
 def test_training_curve_plotter_records_and_resumes(tmp_path):
@@ -284,7 +317,7 @@ def _ddp_saver_worker(local_rank: int, out_dir: str) -> None:
     items = _cases(5)[rank::world]
     batches = [([it["pred_labels"]], [it["label"]]) for it in items]
     engine = Engine(lambda e, b: b)
-    SegmentationDice(C).attach(engine, "dice")
+    GlobalDice(C).attach(engine, "dice")
     PerCaseMetricsSaver(out_dir, class_names=CLASS_NAMES, output_transform=lambda o: o).attach(engine)
     engine.run(batches)
     with open(f"{out_dir}/rank{rank}_dice.txt", "w") as f:

@@ -1,4 +1,4 @@
-"""Tests for scse_monai.metrics.SegmentationMetrics against numpy, MONAI's DiceMetric and a 2-rank gloo run."""
+"""Tests for scse_monai.metrics.SegmentationCountsMetric against numpy, MONAI's DiceMetric and a 2-rank gloo run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
-from scse_monai.metrics import SegmentationMetrics, case_name_from_meta
+from scse_monai.metrics import SegmentationCountsMetric, case_name_from_meta
 
 C = 4
 
@@ -43,14 +43,14 @@ def _numpy_scores(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("include_background", [False, True])
 def test_agrees_with_numpy(include_background):
-    m = SegmentationMetrics(C, include_background=include_background)
+    m = SegmentationCountsMetric(C, include_background=include_background)
     preds, targets = [], []
     for seed in range(3):  # several updates: counts accumulate
         p, y = _labels(seed)
-        m.update(p, y)
+        m(p, y)
         preds.append(p.numpy()[:, 0])
         targets.append(y.numpy()[:, 0])
-    r = m.compute()
+    r = m.results()
     counts = _numpy_counts(np.concatenate(preds), np.concatenate(targets), C)
     first = 0 if include_background else 1
     counts = counts[:, first:]
@@ -71,9 +71,9 @@ def test_agrees_with_numpy(include_background):
 
 def test_agrees_with_monai_dice_metric_per_case():
     p, y = _labels(7, shape=(4, 1, 16, 16, 8))
-    m = SegmentationMetrics(C)
-    m.update(p, y)
-    ours = m.compute()["case_dice"]
+    m = SegmentationCountsMetric(C)
+    m(p, y)
+    ours = m.results()["case_dice"]
     ref = DiceMetric(include_background=False, reduction="none")
     ref(one_hot(p, C), one_hot(y, C))
     expected = ref.aggregate()
@@ -90,9 +90,9 @@ def test_label_map_and_one_hot_are_equivalent():
     p_oh, y_oh = one_hot(p, C), one_hot(y, C)
     results = []
     for a, b in [(p, y), (p_oh, y_oh), (p, y_oh), (p_oh.bool(), y), (p.float(), y.float())]:
-        m = SegmentationMetrics(C)
-        m.update(a, b)
-        results.append(m.compute()["counts"])
+        m = SegmentationCountsMetric(C)
+        m(a, b)
+        results.append(m.results()["counts"])
     for r in results[1:]:
         assert torch.equal(r, results[0])
 
@@ -112,9 +112,9 @@ def test_one_hot_counts_nonzero_entries_exactly_in_slices(monkeypatch):
     expected[..., 0], expected[..., 1], expected[..., 2] = (pn & yn).sum(2), pn.sum(2), yn.sum(2)
     for slice_length in (1 << 24, 7):
         monkeypatch.setattr(metrics, "_EXACT_FLOAT32_COUNT", slice_length)
-        m = SegmentationMetrics(C, include_background=True)
-        m.update(p, y)
-        counts = m.compute()["counts"]
+        m = SegmentationCountsMetric(C, include_background=True)
+        m(p, y)
+        counts = m.results()["counts"]
         assert counts.dtype == torch.int64
         np.testing.assert_array_equal(counts.numpy(), expected)
 
@@ -123,9 +123,9 @@ def test_absent_classes_give_nan_per_case():
     # case 0: class 2 absent from prediction and target; class 3 predicted but absent from target
     y = torch.tensor([[[[0, 1, 1, 0]]], [[[2, 2, 1, 0]]]])
     p = torch.tensor([[[[0, 1, 3, 0]]], [[[2, 1, 1, 0]]]])
-    m = SegmentationMetrics(C)
-    m.update(p, y)
-    r = m.compute()
+    m = SegmentationCountsMetric(C)
+    m(p, y)
+    r = m.results()
     case_dice = r["case_dice"]
     assert math.isnan(case_dice[0, 1])  # class 2 in case 0
     assert case_dice[0, 2] == 0.0  # class 3 in case 0: a false positive scores 0, not NaN
@@ -139,9 +139,9 @@ def test_absent_classes_give_nan_per_case():
 
 def test_class_absent_everywhere_is_left_out_of_the_mean():
     y = torch.tensor([[[0, 1, 1, 2]]])
-    m = SegmentationMetrics(C)
-    m.update(y.clone(), y)
-    r = m.compute()
+    m = SegmentationCountsMetric(C)
+    m(y.clone(), y)
+    r = m.results()
     assert math.isnan(r["dice"][2])  # class 3 never appears
     assert r["mean_dice"] == 1.0 and r["mean_jaccard"] == 1.0
 
@@ -149,16 +149,16 @@ def test_class_absent_everywhere_is_left_out_of_the_mean():
 def test_list_of_cases_with_different_sizes_and_names():
     p1, y1 = _labels(1, shape=(1, 1, 8, 8, 4))
     p2, y2 = _labels(2, shape=(1, 1, 6, 10, 5))
-    batched = SegmentationMetrics(C)
-    batched.update(p1, y1, names=["a"])
-    batched.update(p2, y2, names=["b"])
-    listed = SegmentationMetrics(C)
-    listed.update([p1[0], p2[0]], [y1[0], y2[0]], names=["a", "b"])
-    assert torch.equal(batched.compute()["counts"], listed.compute()["counts"])
-    assert listed.compute()["case_names"] == ["a", "b"]
-    unnamed = SegmentationMetrics(C)
-    unnamed.update([p1[0], p2[0]], [y1[0], y2[0]])
-    assert unnamed.compute()["case_names"] == ["case_0", "case_1"]
+    batched = SegmentationCountsMetric(C)
+    batched(p1, y1, names=["a"])
+    batched(p2, y2, names=["b"])
+    listed = SegmentationCountsMetric(C)
+    listed([p1[0], p2[0]], [y1[0], y2[0]], names=["a", "b"])
+    assert torch.equal(batched.results()["counts"], listed.results()["counts"])
+    assert listed.results()["case_names"] == ["a", "b"]
+    unnamed = SegmentationCountsMetric(C)
+    unnamed([p1[0], p2[0]], [y1[0], y2[0]])
+    assert unnamed.results()["case_names"] == ["case_0", "case_1"]
     assert len(listed) == 2
     listed.reset()
     assert len(listed) == 0
@@ -168,34 +168,36 @@ def test_update_never_reads_values_on_the_host():
     # "meta" tensors have no data: any .item() / .cpu() / data-dependent shape in update() would raise, so this
     # checks that counting stays on the input's device without host synchronisation.
     p, y = _labels(5, shape=(2, 1, 6, 6, 3))
-    m = SegmentationMetrics(C)
-    m.update(p.to("meta"), y.to("meta"))
-    m.update(one_hot(p, C).to("meta"), y.to("meta"))
-    m.update([p[0].to("meta")], [y[0].to("meta")])
-    assert len(m) == 5
-    assert all(r.device.type == "meta" for r in m._rows)
+    m = SegmentationCountsMetric(C)
+    m(p.to("meta"), y.to("meta"))
+    m(one_hot(p, C).to("meta"), y.to("meta"))
+    m([p[0].to("meta")], [y[0].to("meta")])
+    assert len(m._names) == 5
+    assert all(r.device.type == "meta" for r in m._buffers[0])
 
 
 def test_errors():
     with pytest.raises(ValueError, match="num_classes"):
-        SegmentationMetrics(1)
-    m = SegmentationMetrics(3)
+        SegmentationCountsMetric(1)
+    m = SegmentationCountsMetric(3)
     with pytest.raises(ValueError, match="before any update"):
-        m.compute()
+        m.results()
+    with pytest.raises(ValueError, match="metric_name"):
+        SegmentationCountsMetric(3, metric_name="hausdorff")
     with pytest.raises(ValueError, match="channels"):
-        m.update(torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4))
+        m(torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match="differ"):
-        m.update(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+        m(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
     with pytest.raises(ValueError, match="names"):
-        m.update(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), names=["x"])
-    m.update(torch.tensor([[[0, 1, 5, 2]]]), torch.tensor([[[0, 1, 2, 2]]]))
+        m(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), names=["x"])
+    m(torch.tensor([[[0, 1, 5, 2]]]), torch.tensor([[[0, 1, 2, 2]]]))
     with pytest.raises(ValueError, match=r"1 label map\(s\) .* outside \[0, 3\)"):
-        m.compute()
+        m.results()
     for bad_pred, bad_target in [(torch.zeros(1, 3, 4), torch.full((1, 1, 4), -1)), (torch.full((1, 1, 4), 3), None)]:
-        m = SegmentationMetrics(3)
-        m.update(bad_pred, bad_target if bad_target is not None else torch.zeros(1, 1, 4, dtype=torch.int64))
+        m = SegmentationCountsMetric(3)
+        m(bad_pred, bad_target if bad_target is not None else torch.zeros(1, 1, 4, dtype=torch.int64))
         with pytest.raises(ValueError, match="outside"):
-            m.compute()
+            m.results()
 
 
 def test_case_name_from_meta():
@@ -217,10 +219,11 @@ def _ddp_worker(local_rank: int, out_path: str) -> None:
 
     rank, world = idist.get_rank(), idist.get_world_size()
     p, y = _labels(11, shape=(5, 1, 10, 8, 4))
-    m = SegmentationMetrics(C)
+    m = SegmentationCountsMetric(C)
     cases = list(range(rank, 5, world))  # 3 cases on rank 0, 2 on rank 1: uneven on purpose
-    m.update(p[cases], y[cases], names=[f"c{i}" for i in cases])
-    result = m.compute()
+    m(p[cases], y[cases], names=[f"c{i}" for i in cases])
+    result = m.results()
+    result["aggregate"] = float(m.aggregate())
     result["world_size"] = world
     if rank == 0:
         torch.save(result, out_path)
@@ -236,11 +239,11 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     assert ddp["world_size"] == 2
     p, y = _labels(11, shape=(5, 1, 10, 8, 4))
     order = [0, 2, 4, 1, 3]  # rank 0's cases, then rank 1's
-    single = SegmentationMetrics(C)
-    single.update(p[order], y[order], names=[f"c{i}" for i in order])
-    ref = single.compute()
+    single = SegmentationCountsMetric(C)
+    single(p[order], y[order], names=[f"c{i}" for i in order])
+    ref = single.results()
     assert ddp["case_names"] == ref["case_names"]
     assert torch.equal(ddp["counts"], ref["counts"])
     for key in ("dice", "jaccard", "case_dice", "case_jaccard"):
         assert torch.allclose(ddp[key], ref[key], equal_nan=True)
-    assert ddp["mean_dice"] == pytest.approx(ref["mean_dice"])
+    assert ddp["mean_dice"] == pytest.approx(ref["mean_dice"]) == pytest.approx(ddp["aggregate"])
