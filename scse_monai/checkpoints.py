@@ -1,9 +1,16 @@
-"""Checkpoint handlers for resumable training.
+"""Checkpoint handlers for resumable training, on ignite's ``Checkpoint`` and ``DiskSaver(atomic=True)``.
 
-MONAI's ``CheckpointSaver`` writes with ``atomic=False`` (a run killed while saving leaves a truncated file),
-and its ``CheckpointLoader`` needs a path that exists when the config is parsed. A resumable bundle needs both
-the other way round: files that are either complete or absent, and "load the latest checkpoint if there is one".
-These two handlers add exactly that on top of ignite's ``Checkpoint`` and MONAI's ``CheckpointLoader``.
+MONAI's ``CheckpointSaver`` writes with ``atomic=False`` (a run killed while saving leaves a truncated file), and
+its ``CheckpointLoader`` needs a path that exists when the config is parsed. A resumable bundle needs files that
+are complete or absent, and "load the latest good checkpoint if there is one". ignite does the saving; the thin
+subclasses below add what it cannot do, each with the reason:
+
+- :class:`AtomicCheckpointSaver`: interval checkpoints ``<prefix>_epoch=N.pt`` (for resuming) and the best model
+  (``model.pt``, its score kept in ``model.pt.json`` so that a resumed run never replaces a better model). Neither
+  is written when the weights hold NaN or inf.
+- :class:`ResumeFromLatestCheckpoint`: at training start, removes the temporary files a killed run left in the
+  folder, then loads the newest readable interval checkpoint; an unreadable one (truncated, corrupt) is named in
+  the log, renamed to ``<name>.corrupt`` and the previous one is tried.
 """
 
 from __future__ import annotations
@@ -16,25 +23,32 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint
-from ignite.handlers.checkpoint import BaseSaveHandler
+from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
 from scse_monai.atomic import write_atomically, write_text_atomic
 
-__all__ = ["AtomicCheckpointSaver", "ResumeFromLatestCheckpoint", "latest_checkpoint", "save_atomically"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "ResumeFromLatestCheckpoint",
+    "check_finite_weights",
+    "epoch_checkpoints",
+    "latest_checkpoint",
+    "remove_orphan_temp_files",
+    "save_atomically",
+]
 
 _EPOCH_RE = re.compile(r"_epoch=(\d+)\.pt$")
+#: temporary files of scse_monai.atomic (``.<name>.<random>.tmp``) and of ignite's atomic DiskSaver (``tmp<random>``)
+_TEMP_FILE_RE = re.compile(r"^(\..+\.tmp|tmp[a-z0-9_]{8})$")
+_logger = logging.getLogger(__name__)
 
 
 def save_atomically(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: the file is complete or absent.
-
-    Args:
-        obj: what to save.
-        path: destination file.
 
     Example::
 
@@ -43,43 +57,167 @@ def save_atomically(obj: object, path: str | os.PathLike) -> None:
     write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
-class _AtomicDiskSaver(BaseSaveHandler):
-    """ignite save handler for interval checkpoints: atomic writes on rank 0, and the newest ``n_saved`` kept.
+def remove_orphan_temp_files(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Removes the temporary files that runs killed while saving left in ``ckpt_dir``; returns them.
 
-    ignite's ``Checkpoint`` only removes files it saved itself, so a resumed run (a new process) would leave
-    the previous run's ``<prefix>_epoch=N.pt`` behind forever; pruning by epoch number keeps the folder bounded.
+    Only names the atomic writers here produce are touched: ``.<name>.<random>.tmp`` (:mod:`scse_monai.atomic`)
+    and ``tmp<8 random characters>`` (ignite's ``DiskSaver(atomic=True)``). Call it when nothing writes to the folder.
+
+    Example::
+
+        >>> remove_orphan_temp_files("models")
+        [PosixPath('models/.model.pt.k2j3h4.tmp')]
     """
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in folder.iterdir() if p.is_file() and _TEMP_FILE_RE.match(p.name)]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
-    def __init__(self, dirname: str | os.PathLike, prefix: str, n_saved: int) -> None:
-        self.dirname = Path(dirname)
-        self.prefix = prefix
-        self.n_saved = n_saved
 
-    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        import ignite.distributed as idist
+def check_finite_weights(objects: Mapping[str, object], what: str) -> None:
+    """Raises ``FloatingPointError`` naming the tensors if a module in ``objects`` holds NaN or inf weights.
 
-        if idist.get_rank() != 0:
-            return
-        save_atomically(checkpoint, self.dirname / filename)
-        for _, stale in sorted(_epoch_checkpoints(self.dirname, self.prefix), reverse=True)[self.n_saved :]:
-            stale.unlink(missing_ok=True)
+    Args:
+        objects: e.g. a saver's ``{"model": net, "optimizer": opt}``; only ``torch.nn.Module`` values are checked.
+        what: what was about to happen, for the message (e.g. ``"saving models/model.pt"``).
 
-    def remove(self, filename: str) -> None:
-        import ignite.distributed as idist
+    Example::
 
+        >>> check_finite_weights({"model": torch.nn.Linear(2, 1)}, "saving model.pt")
+    """
+    bad = [
+        f"{key}.{name}"
+        for key, obj in objects.items()
+        if isinstance(obj, torch.nn.Module)
+        for name, t in _unwrap(obj).state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise FloatingPointError(f"not {what}: non-finite (NaN/inf) values in {shown}.")
+
+
+def epoch_checkpoints(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of every ``<prefix>_epoch=N.pt`` in ``ckpt_dir``, oldest first."""
+    found = []
+    for p in Path(ckpt_dir).glob(f"{prefix}_*.pt"):
+        m = _EPOCH_RE.search(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> Path | None:
+    """Returns the ``<prefix>_epoch=N.pt`` file with the largest ``N`` in ``ckpt_dir``, or ``None``.
+
+    Example::
+
+        >>> latest_checkpoint("models")
+        PosixPath('models/checkpoint_epoch=3.pt')
+    """
+    found = epoch_checkpoints(ckpt_dir, prefix)
+    return found[-1][1] if found else None
+
+
+def _unwrap(obj: object) -> object:
+    """The bare network inside DataParallel / DistributedDataParallel, so saved keys have no ``module.``."""
+    if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        return obj.module
+    return obj
+
+
+class _IntervalCheckpoint(Checkpoint):
+    # ignite prunes only the files this process saved: the ones an earlier (killed) run left are taken over here
+    def __init__(self, to_save: dict, dirname: str, prefix: str, n_saved: int) -> None:
+        super().__init__(
+            to_save,
+            DiskSaver(dirname, atomic=True, require_empty=False),
+            filename_prefix=prefix,
+            filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
+            n_saved=n_saved,
+            global_step_transform=lambda engine, _: engine.state.epoch,
+        )
+        self.dirname, self.prefix, self._taken_over = Path(dirname), prefix, False
+
+    def __call__(self, engine: Engine) -> None:
+        check_finite_weights(self.to_save, f"saving a checkpoint at epoch {engine.state.epoch}")
+        if not self._taken_over:  # at the first save, after any resume handler has run
+            self._taken_over = True
+            self.load_state_dict({"_saved": self._previous_files(engine.state.epoch)})
+        super().__call__(engine)
+
+    def _previous_files(self, epoch: int) -> list[tuple[int, str]]:
+        """The newest ``n_saved - 1`` earlier checkpoints; older ones and any of a later epoch (an abandoned run's)
+        are removed, so the folder holds ``n_saved`` files and the latest is always this run's."""
+        found = epoch_checkpoints(self.dirname, self.prefix)
+        keep = [(e, p) for e, p in found if e < epoch][-(self.n_saved - 1) :] if self.n_saved > 1 else []
         if idist.get_rank() == 0:
-            (self.dirname / filename).unlink(missing_ok=True)
+            for e, p in found:
+                if (e, p) not in keep:
+                    p.unlink(missing_ok=True)
+        return [(e, p.name) for e, p in keep]
+
+
+class _ReplacingDiskSaver(DiskSaver):
+    # ignite removes the file before saving its replacement; the atomic save replaces it, so no kill leaves none
+    def remove(self, filename: str) -> None:
+        pass
+
+
+class _BestCheckpoint(Checkpoint):
+    # ignite forgets the best score in a new process: kept in <file>.json, so a resume never replaces a better model
+    def __init__(self, path: Path, to_save: dict) -> None:
+        super().__init__(
+            to_save,
+            _ReplacingDiskSaver(path.parent, atomic=True, require_empty=False),
+            filename_pattern=path.name,
+            score_function=lambda engine: float(engine.state.metrics[engine.state.key_metric_name]),
+            n_saved=1,
+        )
+        self.path, self.sidecar = path, path.with_name(path.name + ".json")
+        self._restored = False
+
+    def best(self) -> float | None:
+        """The best score recorded next to the file, or ``None``."""
+        try:
+            return float(json.loads(self.sidecar.read_text())["score"])
+        except (FileNotFoundError, KeyError, ValueError, TypeError):
+            return None
+
+    def __call__(self, engine: Engine) -> None:
+        best = self.best()
+        if not self._restored:
+            self._restored = True
+            self.load_state_dict({"_saved": [(best, self.path.name)] if best is not None else []})
+        score = self.score_function(engine)
+        if best is not None and not score > best:
+            return
+        check_finite_weights(self.to_save, f"saving {self.path} (epoch {engine.state.epoch})")
+        if idist.get_rank() == 0 and best is None and self.path.exists():
+            backup = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+            os.replace(self.path, backup)
+            _logger.warning(f"kept the existing {self.path} as {backup}")
+        super().__call__(engine)
+        if idist.get_rank() == 0:
+            record = {"key_metric_name": engine.state.key_metric_name, "score": score, "epoch": engine.state.epoch}
+            write_text_atomic(self.sidecar, json.dumps(record))
 
 
 class AtomicCheckpointSaver:
     """Saves checkpoints atomically: every ``interval`` epochs (for resuming) and/or the best key metric.
+
+    Nothing is saved from weights that hold NaN or inf: the save raises ``FloatingPointError`` naming the tensors.
 
     Args:
         save_dir: folder of the checkpoints.
         save_dict: objects to save, e.g. ``{"model": net, "optimizer": opt, "trainer": trainer}``. DDP-wrapped
             models are unwrapped by ignite, so the keys match the bare network.
         interval: save ``<prefix>_epoch=N.pt`` every ``interval`` epochs (0 disables).
-        n_saved: how many interval checkpoints to keep.
+        n_saved: how many interval checkpoints to keep; with 2 (the default) a resume can fall back to the previous
+            one when the latest is unreadable.
         file_prefix: prefix of interval checkpoints.
         save_key_metric: also save the model whenever the engine's key metric beats the best so far, which is
             kept in ``<key_metric_filename>.json`` so that a resumed run does not replace a better model; an
@@ -99,7 +237,7 @@ class AtomicCheckpointSaver:
         save_dir: str,
         save_dict: dict,
         interval: int = 1,
-        n_saved: int = 1,
+        n_saved: int = 2,
         file_prefix: str = "checkpoint",
         save_key_metric: bool = False,
         key_metric_filename: str = "model.pt",
@@ -107,6 +245,8 @@ class AtomicCheckpointSaver:
     ) -> None:
         if not save_dict:
             raise ValueError("save_dict must name at least one object to save.")
+        if isinstance(n_saved, bool) or not isinstance(n_saved, int) or n_saved < 1:
+            raise ValueError(f"n_saved must be a positive integer, got {n_saved!r}.")
         self.save_dir = save_dir
         self.save_dict = save_dict
         self.interval = interval
@@ -122,94 +262,20 @@ class AtomicCheckpointSaver:
         if self.save_engine_as:
             to_save[self.save_engine_as] = engine
         if self.interval > 0:
-            interval_ckpt = Checkpoint(
-                to_save=to_save,
-                save_handler=_AtomicDiskSaver(self.save_dir, self.file_prefix, self.n_saved),
-                filename_prefix=self.file_prefix,
-                filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
-                n_saved=self.n_saved,
-                global_step_transform=lambda eng, _: eng.state.epoch,
-            )
+            interval_ckpt = _IntervalCheckpoint(to_save, self.save_dir, self.file_prefix, self.n_saved)
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), interval_ckpt)
         if self.save_key_metric:
-            engine.add_event_handler(
-                Events.EPOCH_COMPLETED,
-                _BestMetricSaver(Path(self.save_dir) / self.key_metric_filename, to_save),
-            )
-
-
-class _BestMetricSaver:
-    """Saves the model when the engine's key metric beats the best recorded next to the file.
-
-    ignite's ``Checkpoint(score_function=...)`` forgets the best score when a run is resumed in a new process,
-    so its first validation would replace a better ``model.pt``. The score is therefore kept in a sidecar
-    ``<file>.json``. A file without a sidecar (e.g. shipped weights) is moved to ``<file>.<time>.bak``, never
-    overwritten silently.
-    """
-
-    def __init__(self, path: Path, to_save: dict) -> None:
-        self.path = path
-        self.sidecar = path.with_name(path.name + ".json")
-        self.to_save = to_save
-
-    def best(self) -> float | None:
-        try:
-            return float(json.loads(self.sidecar.read_text())["score"])
-        except (FileNotFoundError, KeyError, ValueError, TypeError):
-            return None
-
-    def __call__(self, engine: Engine) -> None:
-        import ignite.distributed as idist
-
-        if idist.get_rank() != 0:
-            return
-        name = engine.state.key_metric_name
-        score = float(engine.state.metrics[name])
-        best = self.best()
-        if best is not None and not score > best:
-            return
-        if best is None and self.path.exists():
-            backup = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-            os.replace(self.path, backup)
-            logging.getLogger(__name__).warning(f"kept the existing {self.path} as {backup}")
-        states = {k: _unwrap(v).state_dict() for k, v in self.to_save.items()}
-        save_atomically(states[next(iter(states))] if len(states) == 1 else states, self.path)
-        record = {"key_metric_name": name, "score": score, "epoch": engine.state.epoch}
-        write_text_atomic(self.sidecar, json.dumps(record))
-
-
-def _unwrap(obj: object) -> object:
-    """The bare network inside DataParallel / DistributedDataParallel, so saved keys have no ``module.``."""
-    if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-        return obj.module
-    return obj
-
-
-def _epoch_checkpoints(ckpt_dir: str | os.PathLike, prefix: str) -> list[tuple[int, Path]]:
-    found = []
-    for p in Path(ckpt_dir).glob(f"{prefix}_*.pt"):
-        m = _EPOCH_RE.search(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return found
-
-
-def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> Path | None:
-    """Returns the ``<prefix>_epoch=N.pt`` file with the largest ``N`` in ``ckpt_dir``, or ``None``.
-
-    Example::
-
-        >>> latest_checkpoint("models")
-        PosixPath('models/checkpoint_epoch=3.pt')
-    """
-    found = _epoch_checkpoints(ckpt_dir, prefix)
-    return max(found)[1] if found else None
+            best = _BestCheckpoint(Path(self.save_dir) / self.key_metric_filename, to_save)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, best)
 
 
 class ResumeFromLatestCheckpoint(CheckpointLoader):
-    """MONAI ``CheckpointLoader`` that loads the latest interval checkpoint if one exists, else does nothing.
+    """MONAI ``CheckpointLoader`` that loads the latest readable interval checkpoint if there is one.
 
-    Attach it to the trainer first, so a killed run continues from its last completed epoch.
+    Attach it to the trainer first, so a killed run continues from its last completed epoch. At training start it
+    also removes the temporary files a run killed while saving left in ``ckpt_dir``
+    (:func:`remove_orphan_temp_files`). A checkpoint that cannot be read (truncated, corrupt) is named in the log,
+    renamed to ``<name>.corrupt`` and the previous one is loaded instead.
 
     Args:
         ckpt_dir: folder searched for ``<prefix>_epoch=N.pt``.
@@ -246,10 +312,26 @@ class ResumeFromLatestCheckpoint(CheckpointLoader):
         super().attach(engine)
 
     def __call__(self, engine: Engine) -> None:
-        path = latest_checkpoint(self.ckpt_dir, self.prefix) if self.enabled else None
+        if idist.get_rank() == 0:
+            for p in remove_orphan_temp_files(self.ckpt_dir):
+                self.logger.info(f"removed {p}, a temporary file left by a run killed while saving")
+        path = self.latest_readable() if self.enabled else None
         if path is None:
             self.logger.info(f"no checkpoint to resume from in {self.ckpt_dir}; starting from scratch")
             return
         self.load_path = str(path)
         super().__call__(engine)
         self.logger.info(f"resumed at epoch {engine.state.epoch} from {path}")
+
+    def latest_readable(self) -> Path | None:
+        """The newest interval checkpoint ``torch.load`` reads; unreadable newer ones are set aside as ``.corrupt``."""
+        for _, path in reversed(epoch_checkpoints(self.ckpt_dir, self.prefix)):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+                return path
+            except Exception as err:  # truncated zip, bad pickle, I/O error: any reason this file cannot be resumed
+                aside = path.with_name(path.name + ".corrupt")
+                self.logger.warning(f"cannot read checkpoint {path} ({type(err).__name__}: {err}); renamed to {aside}")
+                if idist.get_rank() == 0:
+                    os.replace(path, aside)
+        return None

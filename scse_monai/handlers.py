@@ -8,6 +8,7 @@
   ``engine.state.metric_details[name]`` (MONAI's convention, read by ``MetricsSaver``).
 - :class:`PerCaseMetricsSaver` writes per-case, per-class Dice and Jaccard, a summary and a Dice box plot.
 - :class:`TrainingCurvePlotter` saves loss and validation-metric curves (PNG + CSV) during and after training.
+- :class:`StopOnNonFiniteLoss` stops training at the first NaN / inf loss, naming the epoch and iteration.
 
 MONAI's ``StatsHandler``, ``TensorBoardStatsHandler``, ``MLFlowHandler``, ``CheckpointSaver`` and
 ``MetricsSaver`` are meant to be used alongside; only what they lack is written here (see each class).
@@ -50,6 +51,7 @@ __all__ = [
     "GlobalJaccard",
     "GlobalOverlap",
     "PerCaseMetricsSaver",
+    "StopOnNonFiniteLoss",
     "TrainingCurvePlotter",
     "batch_case_names",
 ]
@@ -412,6 +414,42 @@ class PerCaseMetricsSaver:
 
 def _to_float(v: Any) -> Any:
     return v if isinstance(v, int) else float(v)
+
+
+class StopOnNonFiniteLoss:
+    """Stops training at the first NaN or inf loss with a ``FloatingPointError`` naming the epoch and iteration.
+
+    Attached at ``ITERATION_COMPLETED``, it raises before the epoch completes, so no checkpoint or ``model.pt``
+    is written from the weights that step produced (the savers of :mod:`scse_monai.checkpoints` also refuse
+    non-finite weights). ignite's ``TerminateOnNan`` ends the run quietly instead, with exit code 0.
+
+    Args:
+        loss_transform: ``engine.state.output`` -> loss (default ``from_engine(["loss"], first=True)``).
+
+    Example::
+
+        >>> StopOnNonFiniteLoss().attach(trainer)  # doctest: +SKIP
+    """
+
+    def __init__(self, loss_transform: Callable | None = None) -> None:
+        self.loss_transform = loss_transform or from_engine(["loss"], first=True)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loss = self.loss_transform(engine.state.output)
+        if loss is None:
+            return
+        loss = torch.as_tensor(loss).detach()
+        if not bool(torch.isfinite(loss).all()):
+            epoch, iteration = engine.state.epoch, engine.state.iteration
+            of_epoch = iteration - (epoch - 1) * engine.state.epoch_length if engine.state.epoch_length else iteration
+            raise FloatingPointError(
+                f"training loss is {loss.float().mean().item()} at epoch {epoch}, iteration {iteration} "
+                f"({of_epoch} of the epoch); training stopped, no checkpoint or model was saved from these weights. "
+                "Check the inputs for NaN/inf voxels and the learning rate."
+            )
 
 
 class TrainingCurvePlotter:

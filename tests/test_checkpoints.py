@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from scse_monai.checkpoints import AtomicCheckpointSaver, latest_checkpoint
+from scse_monai.checkpoints import AtomicCheckpointSaver, ResumeFromLatestCheckpoint, latest_checkpoint
 
 
 def _evaluator(scores: list[float]) -> Engine:
@@ -63,3 +65,99 @@ def test_interval_checkpoints_keep_the_latest_with_engine_state(tmp_path: Path) 
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_epoch=3.pt"
     state = torch.load(tmp_path / "checkpoint_epoch=3.pt", weights_only=True)
     assert set(state) == {"model", "trainer"} and state["trainer"]["iteration"] == 6
+
+
+def _counting_trainer(net: torch.nn.Module, loss_at: dict | None = None) -> Engine:
+    """A trainer whose step adds 1 to every weight, so each epoch's checkpoint holds different weights; ``loss_at``
+    maps an iteration to the loss (and weights) it produces, e.g. NaN."""
+
+    def step(engine: Engine, batch: int) -> dict:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)
+        loss = (loss_at or {}).get(engine.state.iteration, 0.5)
+        if loss != loss:  # NaN: the step wrote NaN weights, as an optimizer step after a NaN loss does
+            with torch.no_grad():
+                net.weight.fill_(loss)
+        return {"loss": torch.tensor(loss)}
+
+    return Engine(step)
+
+
+def _attach_resumable(trainer: Engine, net: torch.nn.Module, ckpt_dir: Path) -> None:
+    ResumeFromLatestCheckpoint(str(ckpt_dir), {"model": net}, load_engine_as="trainer").attach(trainer)
+    AtomicCheckpointSaver(str(ckpt_dir), {"model": net}, interval=1, save_engine_as="trainer").attach(trainer)
+
+
+def test_resume_sets_a_truncated_latest_checkpoint_aside_and_loads_the_previous_one(tmp_path: Path, caplog) -> None:
+    net = torch.nn.Linear(2, 1)
+    trainer = _counting_trainer(net)
+    _attach_resumable(trainer, net, tmp_path)
+    trainer.run([0, 1], max_epochs=2)
+    epoch1 = torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)["model"]
+    latest = tmp_path / "checkpoint_epoch=2.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # killed half-way through a copy
+
+    resumed_net = torch.nn.Linear(2, 1)
+    resumed = _counting_trainer(resumed_net)
+    _attach_resumable(resumed, resumed_net, tmp_path)
+    loaded: dict = {}
+    resumed.add_event_handler(Events.EPOCH_STARTED, lambda e: loaded.setdefault("epoch", e.state.epoch))
+    resumed.add_event_handler(
+        Events.EPOCH_STARTED, lambda e: loaded.setdefault("weight", resumed_net.weight.detach().clone())
+    )
+    with caplog.at_level(logging.INFO):
+        resumed.run([0, 1], max_epochs=3)
+    assert loaded["epoch"] == 2  # continued after epoch 1, the last readable checkpoint
+    assert torch.equal(loaded["weight"], epoch1["weight"])
+    assert (tmp_path / "checkpoint_epoch=2.pt.corrupt").is_file()
+    assert "checkpoint_epoch=2.pt" in caplog.text and "renamed to" in caplog.text
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_epoch=3.pt"
+    assert resumed.state.iteration == 6
+
+
+def test_training_start_removes_orphan_temp_files_only(tmp_path: Path) -> None:
+    orphans = [tmp_path / ".model.pt.k2j3h4.tmp", tmp_path / ".checkpoint_epoch=1.pt.abc.tmp", tmp_path / "tmpa1b2_c3d"]
+    kept = [tmp_path / "notes.tmp", tmp_path / "tmp", tmp_path / "model.pt"]
+    for p in orphans + kept:
+        p.write_bytes(b"x")
+    net = torch.nn.Linear(2, 1)
+    trainer = _counting_trainer(net)
+    _attach_resumable(trainer, net, tmp_path)
+    trainer.run([0], max_epochs=1)
+    assert not any(p.exists() for p in orphans)
+    assert all(p.exists() for p in kept)
+
+
+def test_non_finite_loss_stops_training_before_any_save_of_its_weights(tmp_path: Path) -> None:
+    from scse_monai.handlers import StopOnNonFiniteLoss
+
+    net = torch.nn.Linear(2, 1)
+    trainer = _counting_trainer(net, loss_at={4: float("nan")})  # epoch 2, second iteration
+    StopOnNonFiniteLoss().attach(trainer)
+    _attach_resumable(trainer, net, tmp_path)
+    evaluator = _evaluator([0.1, 0.2, 0.3])
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, interval=0, save_key_metric=True).attach(evaluator)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0], max_epochs=e.state.epoch))
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2, iteration 4 \(2 of the epoch\)"):
+        trainer.run([0, 1], max_epochs=3)
+    assert [p.name for p in tmp_path.glob("checkpoint_epoch=*.pt")] == ["checkpoint_epoch=1.pt"]
+    saved = [torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)["model"]]
+    saved.append(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert all(torch.isfinite(t).all() for state in saved for t in state.values())
+
+
+def test_savers_refuse_non_finite_weights(tmp_path: Path) -> None:
+    net = torch.nn.Linear(2, 1)
+    _run_best_saver(tmp_path, net, [0.5])
+    with torch.no_grad():
+        net.bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match=r"not saving .*model\.pt.*model\.bias"):
+        _run_best_saver(tmp_path, net, [0.9])
+    assert torch.isfinite(torch.load(tmp_path / "model.pt", weights_only=True)["bias"]).all()
+    assert json.loads((tmp_path / "model.pt.json").read_text())["score"] == 0.5
+    trainer = Engine(lambda e, b: None)
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, interval=1).attach(trainer)
+    with pytest.raises(FloatingPointError, match="not saving a checkpoint at epoch 1"):
+        trainer.run([0], max_epochs=1)
+    assert latest_checkpoint(tmp_path) is None
