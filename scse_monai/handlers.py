@@ -363,15 +363,26 @@ class PerCaseMetricsSaver:
     def write(self, result: Mapping[str, Any]) -> dict[str, str]:
         """Write the files from a :meth:`SegmentationCountsMetric.results` dict; returns their paths."""
         paths = self.paths()
-        labels = self.class_labels
         case_dice = np.asarray(result["case_dice"], dtype=np.float64)
         case_jac = np.asarray(result["case_jaccard"], dtype=np.float64)
-        header = ["case"] + [f"dice_{_key(c)}" for c in labels] + [f"jaccard_{_key(c)}" for c in labels]
+        labels = [_key(c) for c in self.class_labels]
+        header = ["case"] + [f"dice_{c}" for c in labels] + [f"jaccard_{c}" for c in labels]
         rows = [
             [name, *map(float, d), *map(float, j)]
             for name, d, j in zip(result["case_names"], case_dice, case_jac, strict=True)
         ]
         write_bytes_atomic(paths["per_case"], _csv_bytes(header, rows))
+        header = ["class", "dice_mean", "dice_std", "dice_median", "jaccard_mean", "jaccard_std", "jaccard_median"]
+        header += ["n_cases", "global_dice", "global_jaccard"]
+        write_bytes_atomic(paths["summary"], _csv_bytes(header, self._summary_rows(result, case_dice, case_jac)))
+        if self.boxplot:
+            self._write_boxplot(paths["boxplot"], case_dice, float(result["mean_dice"]))
+        else:
+            paths.pop("boxplot")
+        return paths
+
+    def _summary_rows(self, result: Mapping[str, Any], case_dice: np.ndarray, case_jac: np.ndarray) -> list[list]:
+        """One row per class and a ``mean`` row: mean / std / median over the scored cases, count, global scores."""
 
         def stats(a: np.ndarray) -> list[float]:
             valid = a[~np.isnan(a)]
@@ -379,37 +390,33 @@ class PerCaseMetricsSaver:
                 return [math.nan, math.nan, math.nan]
             return [float(valid.mean()), float(valid.std()), float(np.median(valid))]
 
-        summary = []
+        rows = []
         glob_d = np.asarray(result["dice"], dtype=np.float64)
         glob_j = np.asarray(result["jaccard"], dtype=np.float64)
-        for k, label in enumerate(labels):
+        for k, label in enumerate(self.class_labels):
             n = int((~np.isnan(case_dice[:, k])).sum())
-            summary.append([_key(label), *stats(case_dice[:, k]), *stats(case_jac[:, k]), n, glob_d[k], glob_j[k]])
+            rows.append([_key(label), *stats(case_dice[:, k]), *stats(case_jac[:, k]), n, glob_d[k], glob_j[k]])
         # "mean" row: per case, the mean over the classes scored in that case
         with warnings.catch_warnings():  # a case without any scored class has no mean: NaN, without a warning
             warnings.simplefilter("ignore", RuntimeWarning)
             case_mean_d = np.nanmean(case_dice, axis=1)
             case_mean_j = np.nanmean(case_jac, axis=1)
-        summary.append(
+        rows.append(
             ["mean", *stats(case_mean_d), *stats(case_mean_j), int((~np.isnan(case_mean_d)).sum()),
              float(result["mean_dice"]), float(result["mean_jaccard"])]
         )  # fmt: skip
-        header = ["class", "dice_mean", "dice_std", "dice_median", "jaccard_mean", "jaccard_std", "jaccard_median"]
-        header += ["n_cases", "global_dice", "global_jaccard"]
-        write_bytes_atomic(paths["summary"], _csv_bytes(header, [[r[0], *map(_to_float, r[1:])] for r in summary]))
-        if self.boxplot:
-            fig, (ax,) = _figure(width=max(5.0, 1.2 * len(labels)))
-            data = [case_dice[~np.isnan(case_dice[:, k]), k] for k in range(len(labels))]
-            ax.boxplot(data, showmeans=True)
-            ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30 if len(labels) > 5 else 0)
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_ylabel("Dice per case")
-            ax.set_title(f"Dice over {case_dice.shape[0]} cases (mean global Dice {float(result['mean_dice']):.3f})")
-            ax.grid(axis="y", alpha=0.3)
-            _save_figure(fig, paths["boxplot"])
-        else:
-            paths.pop("boxplot")
-        return paths
+        return [[r[0], *map(_to_float, r[1:])] for r in rows]
+
+    def _write_boxplot(self, path: str, case_dice: np.ndarray, mean_dice: float) -> None:
+        labels = self.class_labels
+        fig, (ax,) = _figure(width=max(5.0, 1.2 * len(labels)))
+        ax.boxplot([case_dice[~np.isnan(case_dice[:, k]), k] for k in range(len(labels))], showmeans=True)
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30 if len(labels) > 5 else 0)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("Dice per case")
+        ax.set_title(f"Dice over {case_dice.shape[0]} cases (mean global Dice {mean_dice:.3f})")
+        ax.grid(axis="y", alpha=0.3)
+        _save_figure(fig, path)
 
 
 def _to_float(v: Any) -> Any:

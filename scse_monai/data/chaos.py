@@ -19,16 +19,13 @@ import hashlib
 import json
 import os
 import re
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .datalist import (
-    _tmp_path,
     atomic_replace_all,
     check_case_names,
     check_folds,
@@ -40,10 +37,12 @@ from .datalist import (
     owned_outputs_check,
     prepare_out_dir,
     save_nifti_atomic,
+    tmp_path_for,
     write_datalist,
 )
 from .dicom_series import DicomVolume, read_dicom_series
 from .errors import DataPreparationError
+from .jobs import run_patients
 
 __all__ = ["prepare_chaos", "CHAOS_TASKS", "CHAOS_MR_LABELS", "gray_to_class"]
 
@@ -225,7 +224,7 @@ def _prepare_patient(
         counts = count_classes(label, len(task.labels))
         info = {"task": task_name, "inputs": signature, "counts": counts, "outputs": output_stamp(tmps)}
         info.update(replace_nonfinite=replace_nonfinite, nonfinite_replaced=replaced)
-        tmps.append((_tmp_path(side), side))
+        tmps.append((tmp_path_for(side), side))
         tmps[-1][0].write_text(json.dumps(info))
         atomic_replace_all(tmps)
     finally:
@@ -240,30 +239,6 @@ def _resolve_root(root: Path, folder: str) -> Path:
     if not (root / folder).is_dir():
         raise DataPreparationError(f"no {folder}/ folder: --root must be CHAOS Train_Sets", file=root / folder)
     return root
-
-
-def run_patients(fn, jobs: list[tuple], workers: int, desc: str, progress: bool = True) -> list:
-    """Run ``fn(*job)`` for each job, in a process pool if ``workers > 1``; re-raise the first error."""
-    with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:  # closed (newline) before any error print
-        if workers <= 1 or len(jobs) <= 1:
-            results = []
-            for job in jobs:
-                results.append(fn(*job))
-                bar.update()
-            return results
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-            futures = [pool.submit(fn, *job) for job in jobs]
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                bar.update(len(done))
-                for f in done:
-                    if f.exception() is not None:
-                        for p in pending:
-                            p.cancel()
-                        raise f.exception()
-            results = [f.result() for f in futures]
-    return results
 
 
 def prepare_chaos(

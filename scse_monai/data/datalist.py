@@ -27,6 +27,7 @@ __all__ = [
     "output_stamp",
     "prepare_out_dir",
     "save_nifti_atomic",
+    "tmp_path_for",
     "write_datalist",
 ]
 
@@ -253,8 +254,12 @@ def count_classes(label: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(np.asarray(label, dtype=np.int64).ravel(), minlength=num_classes)[:num_classes].tolist()
 
 
-def _tmp_path(path: Path) -> Path:
-    # keep the real suffix (nibabel picks the format from it) and stay in the same folder (os.replace is atomic)
+def tmp_path_for(path: Path) -> Path:
+    """The temporary sibling a case file is written to before :func:`atomic_replace_all` renames it into place.
+
+    It keeps the real suffix (nibabel picks the format from it) and the folder (``os.replace`` is atomic there);
+    its ``.tmp-<pid>-`` prefix is what :func:`clean_stale_tmp` recognises.
+    """
     return path.with_name(f".tmp-{os.getpid()}-{path.name}")
 
 
@@ -266,7 +271,7 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> Path
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = _tmp_path(path)
+    tmp = tmp_path_for(path)
     try:
         nib.save(img, tmp)
     except BaseException:

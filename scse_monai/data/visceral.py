@@ -22,9 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .chaos import run_patients
 from .datalist import (
-    _tmp_path,
     atomic_replace_all,
     check_case_names,
     check_folds,
@@ -36,9 +34,11 @@ from .datalist import (
     owned_outputs_check,
     prepare_out_dir,
     save_nifti_atomic,
+    tmp_path_for,
     write_datalist,
 )
 from .errors import DataPreparationError
+from .jobs import run_patients
 from .radlex import RADLEX_IDS
 
 __all__ = ["prepare_visceral", "RADLEX_IDS", "DEFAULT_ORGANS"]
@@ -94,13 +94,8 @@ def _check_geometry(img: nib.Nifti1Image, path: Path, patient: str) -> None:
         raise DataPreparationError("singular or non-finite affine (zero voxel size?)", patient, path)
 
 
-def _prepare_volume(
-    volume: Path, seg_dir: Path, organs: list[str], out: Path, replace_nonfinite: bool = False
-) -> tuple[dict, list[int], bool]:
-    stem = _stem(volume)
-    patient = stem.split("_")[0]
-    case = case_name(volume)
-    img_path, lab_path = out / "imagesTr" / f"{case}.nii.gz", out / "labelsTr" / f"{case}.nii.gz"
+def _organ_masks(stem: str, seg_dir: Path) -> dict[str, Path]:
+    """The mask file of each organ of volume ``stem`` (``<stem>_<RadLexID>_<n>``; the lowest ``n`` when several)."""
     masks: dict[str, Path] = {}
     for p in sorted(seg_dir.glob(f"{stem}_*.nii*"), key=lambda p: p.name):
         m = re.fullmatch(re.escape(stem) + r"_(\d+)_(\d+)", _stem(p))
@@ -108,32 +103,23 @@ def _prepare_volume(
             name = _BY_ID[int(m.group(1))]
             if name not in masks or int(m.group(2)) < int(re.search(r"_(\d+)$", _stem(masks[name])).group(1)):
                 masks[name] = p
-    if not masks:
-        raise DataPreparationError(f"no masks {stem}_<RadLexID>_<n>.nii.gz in {seg_dir.name}/", patient, volume)
-    missing = [o for o in organs if o not in masks]
-    item = {"image": f"imagesTr/{case}.nii.gz", "label": f"labelsTr/{case}.nii.gz", "patient": patient}
-    item["missing"] = missing
-    inputs = [volume, *(masks[o] for o in organs if o in masks)]
-    ncls = len(organs) + 1
-    side = out / "labelsTr" / f".{case}.json"  # organs, input signature, overlaps and counts of the written case
+    return masks
+
+
+def _input_signature(inputs: list[Path]) -> str:
+    """Names, sizes and modification times of the inputs, hashed: a re-run keeps outputs whose inputs are unchanged."""
     h = hashlib.sha1()
     for p in inputs:
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    signature = h.hexdigest()
-    owned_outputs_check([img_path, lab_path], side, patient)
-    if img_path.exists() and lab_path.exists() and side.exists():
-        info = json.loads(side.read_text())
-        fresh = info.get("organs") == organs and info.get("inputs") == signature
-        if fresh and info.get("replace_nonfinite", False) == replace_nonfinite:
-            item["overlaps"] = info["overlaps"]
-            return item, info["counts"], True
+    return h.hexdigest()
 
-    vol = _load(volume, patient)
-    _check_geometry(vol, volume, patient)
+
+def _label_from_masks(
+    masks: dict[str, Path], organs: list[str], vol: nib.Nifti1Image, volume: Path, patient: str
+) -> tuple[np.ndarray, dict[str, int]]:
+    """The label map of the organs' binary masks (smaller organs win overlaps) and the overlapping voxel counts."""
     shape, affine = vol.shape[:3], vol.affine
-    # read every voxel: a truncated .nii.gz fails here, and NaN/inf are found before anything is written
-    image, replaced = finite_or_replace(_data(vol, volume, patient), replace_nonfinite, patient, volume)
     binaries, sizes = {}, {}
     for o in organs:
         if o not in masks:
@@ -159,29 +145,78 @@ def _prepare_volume(
             n = int(np.count_nonzero(binaries[a] & binaries[b]))
             if n:
                 overlaps[f"{a}/{b}"] = n
-    item["overlaps"] = overlaps
+    return label, overlaps
 
+
+def _write_case(
+    volume: Path,
+    image: np.ndarray,
+    label: np.ndarray,
+    affine: np.ndarray,
+    paths: tuple[Path, Path, Path],
+    info: dict,
+    copy_volume: bool,
+) -> None:
+    """Writes image, label and the case's side file ``info`` (plus the outputs' stamp) all-or-nothing.
+
+    ``copy_volume``: the image is the input file as distributed (a ``.nii.gz`` without replaced voxels).
+    """
+    img_path, lab_path, side = paths
     tmps = []
     try:
-        if volume.name.endswith(".nii.gz") and not replaced:  # keep the volume exactly as distributed
-            tmps.append((_tmp_path(img_path), img_path))
+        if copy_volume:
+            tmps.append((tmp_path_for(img_path), img_path))
             shutil.copyfile(volume, tmps[-1][0])
         else:
             tmps.append((save_nifti_atomic(image, affine, img_path), img_path))
         lab = nib.Nifti1Image(label, affine)
         lab.set_qform(affine, code=1)
         lab.set_sform(affine, code=1)
-        tmps.append((_tmp_path(lab_path), lab_path))
+        tmps.append((tmp_path_for(lab_path), lab_path))
         nib.save(lab, tmps[-1][0])
-        counts = count_classes(label, ncls)
-        info = {"organs": organs, "inputs": signature, "overlaps": overlaps, "counts": counts}
-        info.update(outputs=output_stamp(tmps), replace_nonfinite=replace_nonfinite, nonfinite_replaced=replaced)
-        tmps.append((_tmp_path(side), side))
+        info = {**info, "outputs": output_stamp(tmps)}
+        tmps.append((tmp_path_for(side), side))
         tmps[-1][0].write_text(json.dumps(info))
         atomic_replace_all(tmps)
     finally:
         for tmp, _ in tmps:
             tmp.unlink(missing_ok=True)
+
+
+def _prepare_volume(
+    volume: Path, seg_dir: Path, organs: list[str], out: Path, replace_nonfinite: bool = False
+) -> tuple[dict, list[int], bool]:
+    stem = _stem(volume)
+    patient = stem.split("_")[0]
+    case = case_name(volume)
+    img_path, lab_path = out / "imagesTr" / f"{case}.nii.gz", out / "labelsTr" / f"{case}.nii.gz"
+    masks = _organ_masks(stem, seg_dir)
+    if not masks:
+        raise DataPreparationError(f"no masks {stem}_<RadLexID>_<n>.nii.gz in {seg_dir.name}/", patient, volume)
+    missing = [o for o in organs if o not in masks]
+    item = {"image": f"imagesTr/{case}.nii.gz", "label": f"labelsTr/{case}.nii.gz", "patient": patient}
+    item["missing"] = missing
+    side = out / "labelsTr" / f".{case}.json"  # organs, input signature, overlaps and counts of the written case
+    signature = _input_signature([volume, *(masks[o] for o in organs if o in masks)])
+    owned_outputs_check([img_path, lab_path], side, patient)
+    if img_path.exists() and lab_path.exists() and side.exists():
+        info = json.loads(side.read_text())
+        fresh = info.get("organs") == organs and info.get("inputs") == signature
+        if fresh and info.get("replace_nonfinite", False) == replace_nonfinite:
+            item["overlaps"] = info["overlaps"]
+            return item, info["counts"], True
+
+    vol = _load(volume, patient)
+    _check_geometry(vol, volume, patient)
+    # read every voxel: a truncated .nii.gz fails here, and NaN/inf are found before anything is written
+    image, replaced = finite_or_replace(_data(vol, volume, patient), replace_nonfinite, patient, volume)
+    label, overlaps = _label_from_masks(masks, organs, vol, volume, patient)
+    item["overlaps"] = overlaps
+    counts = count_classes(label, len(organs) + 1)
+    info = {"organs": organs, "inputs": signature, "overlaps": overlaps, "counts": counts}
+    info.update(replace_nonfinite=replace_nonfinite, nonfinite_replaced=replaced)
+    copy_volume = volume.name.endswith(".nii.gz") and not replaced  # keep the volume exactly as distributed
+    _write_case(volume, image, label, vol.affine, (img_path, lab_path, side), info, copy_volume)
     return item, counts, False
 
 
