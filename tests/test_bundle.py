@@ -403,3 +403,14 @@ def test_shipped_weights_are_consistent() -> None:
     x = torch.rand(1, 1, 96, 80)
     with torch.no_grad():
         assert torch.allclose(scripted(x), net(x), atol=1e-5)
+
+
+def test_torchscript_inference_config_replaces_only_the_scse_monai_input_check() -> None:
+    """inference_ts.json swaps the one scse_monai transform of the preprocessing (by index) for Identityd."""
+    ts = json.loads((CFG / "inference_ts.json").read_text())
+    base = json.loads((CFG / "inference.json").read_text())
+    swapped = [k for k in ts if k.startswith("preprocessing#transforms#")]
+    assert swapped == ["preprocessing#transforms#2"]
+    targets = [t if isinstance(t, str) else t["_target_"] for t in base["preprocessing"]["transforms"]]
+    assert [i for i, t in enumerate(targets) if t.startswith("scse_monai")] == [2]
+    assert not any("scse_monai" in i for i in ts["imports"])
