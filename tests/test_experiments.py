@@ -1,4 +1,4 @@
-"""Experiment runner: a tiny 2-network x {none, scse} x 2-fold comparison through the bundle, statistics, resume."""
+"""Experiments: cross-validation and SE comparison through the bundle on tiny synthetic data, statistics, resume."""
 
 from __future__ import annotations
 
@@ -12,20 +12,12 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from scse_monai.experiments import compare, make_folds, wilcoxon_paired
+from scse_monai.experiments import bootstrap_ci, compare, crossval, make_folds, paired_difference, wilcoxon_paired
 from scse_monai.experiments.__main__ import main
+from scse_monai.experiments.compare import _seed_rows
+from scse_monai.experiments.heldout import score_case
 
-TINY = {
-    "networks": ["unet", "sdnet"],
-    "se": ["none", "scse"],
-    "folds": 2,
-    "epochs": 1,
-    "val_interval": 2,  # no validation pass inside training: the held-out fold is evaluated once, afterwards
-    "features": 4,
-    "roi_size": [64, 64],
-    "pixdim": [-1.0, -1.0, -1.0],
-    "progress": False,
-}
+TINY_SET = {"features": 4, "roi_size": [64, 64], "pixdim": [-1.0, -1.0, -1.0], "val_interval": 2}
 ORGANS = ["liver", "right_kidney", "left_kidney", "spleen"]
 
 
@@ -37,9 +29,17 @@ def datalist(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, datalist: Path) -> tuple[Path, dict]:
+def cv(tmp_path_factory, datalist: Path) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("cv") / "out"
+    return out, crossval(datalist, out, folds=2, epochs=1, bundle_overrides=TINY_SET, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cmp(tmp_path_factory, datalist: Path) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("cmp") / "out"
-    return out, compare(datalist, out, **TINY)
+    return out, compare(
+        datalist, out, se=["none", "scse"], folds=2, epochs=1, bundle_overrides=TINY_SET, progress=False
+    )
 
 
 def _rows(path: Path) -> list[dict]:
@@ -51,127 +51,163 @@ def _f(v: str) -> float:
     return float(v) if v != "" else math.nan
 
 
-@pytest.mark.slow
-def test_outputs_and_statistics(finished, datalist: Path) -> None:
-    out, result = finished
-    assert result["trained"] == 8 and result["skipped"] == 0
-    for name in ["results.csv", "results.md", "per_case.csv", "overlay.png", "settings.json", "datalist.json"]:
-        assert (out / name).is_file(), name
-    for net in TINY["networks"]:
-        assert (out / f"dice_boxplot_{net}.png").stat().st_size > 1000
-        assert (out / f"training_curves_{net}.png").stat().st_size > 1000
-        for se in ("none", "scse_max"):
-            for fold in (0, 1):
-                run = out / "runs" / f"{net}_{se}" / f"fold{fold}"
-                assert (run / "models" / "checkpoint_epoch=1.pt").is_file()
-                assert (run / "eval" / "metrics_per_case.csv").is_file()
-
-    # every case is evaluated exactly once per (network, variant), by the run that held its fold out
-    cases = _rows(out / "per_case.csv")
-    assert len(cases) == 2 * 2 * 4
-    folds = {
-        Path(i["image"]).name.split(".nii")[0]: i["fold"]
-        for i in json.loads((out / "datalist.json").read_text())["training"]
-    }
-    for net in TINY["networks"]:
-        for variant in ("none", "scse"):
-            sub = [r for r in cases if r["network"] == net and r["variant"] == variant]
-            assert sorted(r["case"] for r in sub) == sorted(folds)
-            assert all(int(r["fold"]) == folds[r["case"]] for r in sub)
-
-    rows = _rows(out / "results.csv")
-    assert len(rows) == 2 * 2 * (len(ORGANS) + 1)
-    by = {(r["network"], r["variant"], r["organ"]): r for r in rows}
-    for net in TINY["networks"]:
-        table = {
-            v: {r["case"]: r for r in cases if r["network"] == net and r["variant"] == v} for v in ("none", "scse")
-        }
-        names = sorted(table["none"])
-        for organ in [*ORGANS, "mean"]:
-
-            def col(v, organ=organ, table=table, names=names):
-                if organ == "mean":
-                    return np.array([np.nanmean([_f(table[v][c][f"dice_{o}"]) for o in ORGANS]) for c in names])
-                return np.array([_f(table[v][c][f"dice_{organ}"]) for c in names])
-
-            a, b = col("scse"), col("none")
-            r = by[(net, "scse", organ)]
-            np.testing.assert_allclose(_f(r["mean"]), np.nanmean(a), atol=1e-6)
-            np.testing.assert_allclose(_f(r["std"]), np.nanstd(a, ddof=1), atol=1e-6)
-            keep = ~(np.isnan(a) | np.isnan(b))
-            if np.count_nonzero(a[keep] - b[keep]) == 0:
-                assert math.isnan(_f(r["p_vs_none"])) and "zero" in r["note"]
-            else:
-                expected = sps.wilcoxon(a[keep], b[keep]).pvalue
-                np.testing.assert_allclose(_f(r["p_vs_none"]), expected, rtol=1e-9)
-            assert by[(net, "none", organ)]["note"] == "baseline"
-
-    # parameter counts against the networks built directly
-    from scse_monai.networks import SESDNet, SEUNet
-
-    for net, cls, k in (("unet", SEUNet, 5), ("sdnet", SESDNet, 7)):
-        n0, n1 = (
-            sum(p.numel() for p in cls(2, 1, 5, features=4, kernel_size=k, se=s).parameters()) for s in (None, "scse")
-        )
-        assert int(by[(net, "none", "mean")]["parameters"]) == n0
-        assert int(by[(net, "scse", "mean")]["parameters"]) == n1
-        np.testing.assert_allclose(
-            _f(by[(net, "scse", "mean")]["parameters_added_percent"]), 100 * (n1 - n0) / n0, atol=1e-3
-        )
-
-    md = (out / "results.md").read_text()
-    assert "| none |" in md and "| scse |" in md and "unet" in md and "sdnet" in md and "overlay.png" in md
+def _folds(out: Path) -> dict[str, int]:
+    items = json.loads((out / "datalist.json").read_text())["training"]
+    return {Path(i["image"]).name.split(".nii")[0]: i["fold"] for i in items}
 
 
 @pytest.mark.slow
-def test_second_invocation_trains_nothing_and_resumes_a_half_finished_run(finished, datalist: Path) -> None:
-    out, _ = finished
-    ckpts = sorted(out.glob("runs/*/fold*/models/checkpoint_epoch=1.pt"))
+def test_crossval_scores_every_patient_once_with_the_fold_that_held_it_out(cv) -> None:
+    out, result = cv
+    assert result["trained"] == 2 and result["skipped"] == 0 and result["n_patients"] == 4
+    for name in ["crossval.md", "crossval_per_patient.csv", "crossval_summary.csv", "crossval_dice_boxplot.png"]:
+        assert (out / name).stat().st_size > 100, name
+    rows = _rows(out / "crossval_per_patient.csv")
+    folds = _folds(out)
+    assert sorted(r["case"] for r in rows) == sorted(folds)
+    for r in rows:
+        assert int(r["fold"]) == folds[r["case"]]
+        run = out / "runs" / "unet_scse" / "seed0" / f"fold{r['fold']}"
+        args = json.loads((run / "train_args.json").read_text())
+        assert args["val_folds"] == [int(r["fold"])]  # the model that scored it never trained on it
+        assert sorted(p.name for p in (run / "models").glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=1.pt"]
+        for o in ORGANS:
+            assert 0.0 <= _f(r[f"dice_{o}"]) <= 1.0 and _f(r[f"volume_ratio_{o}"]) >= 0.0
+        # the CSV's numbers are the saved prediction scored against the original label
+        import nibabel as nib
+
+        item = next(i for i in json.loads((out / "datalist.json").read_text())["training"] if r["case"] in i["image"])
+        pred = nib.load(run / "eval" / "pred" / f"{r['case']}.nii.gz")
+        label = nib.load(out / item["label"])
+        assert pred.shape == label.shape
+        again = score_case(
+            torch.as_tensor(np.asarray(pred.dataobj))[None],
+            torch.as_tensor(np.asarray(label.dataobj))[None],
+            label.header.get_zooms()[:3],
+            ORGANS,
+        )
+        for o in ORGANS:
+            np.testing.assert_allclose(_f(r[f"dice_{o}"]), again[f"dice_{o}"], atol=1e-4, equal_nan=True)
+    worst = sorted(out.glob("worst_*.png"))
+    assert len(worst) == 3
+    summary = {r["organ"]: r for r in _rows(out / "crossval_summary.csv")}
+    liver = np.array([_f(r["dice_liver"]) for r in rows])
+    np.testing.assert_allclose(_f(summary["liver"]["dice_mean"]), liver.mean(), atol=1e-4)
+    md = (out / "crossval.md").read_text()
+    assert "HD95" in md and "| **mean** |" in md and all(r["case"] in md for r in rows)
+
+
+@pytest.mark.slow
+def test_crossval_resumes_without_retraining(cv, datalist: Path) -> None:
+    out, _ = cv
+    ckpts = sorted(out.glob("runs/*/seed0/fold*/models/checkpoint_epoch=1.pt"))
     before = {p: p.stat().st_mtime_ns for p in ckpts}
-    again = compare(datalist, out, **TINY)
-    assert again["trained"] == 0 and again["skipped"] == 8
-    assert {p: p.stat().st_mtime_ns for p in ckpts} == before
-    assert "trained 0, skipped 8" in (out / "compare.log").read_text()
-
-    # killed after training, before evaluation: the run is evaluated again, not trained again
-    victim = out / "runs" / "unet_scse_max" / "fold1"
-    (victim / "eval" / "metrics_per_case.csv").unlink()
-    third = compare(datalist, out, **TINY)
-    assert third["trained"] == 1 and third["skipped"] == 7
-    assert (victim / "eval" / "metrics_per_case.csv").is_file()
-    assert {p: p.stat().st_mtime_ns for p in ckpts} == before
-    assert "train unet_scse_max fold 1 at epoch 1/1" not in (out / "compare.log").read_text()
-    assert "resume unet_scse_max fold 1 at epoch 1/1" in (out / "compare.log").read_text()
+    again = crossval(datalist, out, folds=2, epochs=1, bundle_overrides=TINY_SET, progress=False)
+    assert again["trained"] == 0 and again["skipped"] == 2
+    # killed after training, before scoring: scored again, not trained again
+    victim = out / "runs" / "unet_scse" / "seed0" / "fold1"
+    log_size = (victim / "run.log").stat().st_size
+    (victim / "eval" / "heldout.csv").unlink()
+    third = crossval(datalist, out, folds=2, epochs=1, bundle_overrides=TINY_SET, progress=False)
+    assert third["trained"] == 1 and (victim / "eval" / "heldout.csv").is_file()
+    assert {p: p.stat().st_mtime_ns for p in ckpts} == before and (victim / "run.log").stat().st_size == log_size
+    # other settings in the same folder are refused
+    with pytest.raises(ValueError, match="other settings"):
+        crossval(datalist, out, folds=2, epochs=2, bundle_overrides=TINY_SET, progress=False)
 
 
-def test_wilcoxon_on_known_numbers() -> None:
+@pytest.mark.slow
+def test_compare_pairs_variants_by_patient(cmp, datalist: Path) -> None:
+    out, result = cmp
+    assert result["trained"] == 4
+    for name in ["results.csv", "results.md", "per_case.csv", "seeds.csv", "dice_boxplot_unet.png"]:
+        assert (out / name).is_file(), name
+    assert len(list(out.glob("overlay_unet_*.png"))) == 2
+    cases = _rows(out / "per_case.csv")
+    assert len(cases) == 2 * 4
+    table = {v: {r["case"]: r for r in cases if r["variant"] == v} for v in ("none", "scse")}
+    names = sorted(table["none"])
+    by = {(r["variant"], r["organ"]): r for r in _rows(out / "results.csv")}
+    for organ in ["liver", "mean"]:
+
+        def col(v, organ=organ):
+            if organ == "mean":
+                return np.array([np.nanmean([_f(table[v][c][f"dice_{o}"]) for o in ORGANS]) for c in names])
+            return np.array([_f(table[v][c][f"dice_{organ}"]) for c in names])
+
+        a, b = col("scse"), col("none")
+        r = by[("scse", organ)]
+        np.testing.assert_allclose(_f(r["mean"]), np.nanmean(a), atol=1e-4)  # the CSV keeps 4 decimals
+        np.testing.assert_allclose(_f(r["mean_difference_vs_none"]), np.nanmean(a - b), atol=1e-4)
+        assert int(r["n_improved_vs_none"]) == int(((a - b) > 0).sum())
+        assert _f(r["ci_low_vs_none"]) - 1e-4 <= _f(r["mean_difference_vs_none"]) <= _f(r["ci_high_vs_none"]) + 1e-4
+    from scse_monai.networks import SEUNet
+
+    n0, n1 = (
+        sum(p.numel() for p in SEUNet(2, 1, 5, features=4, kernel_size=3, se=s).parameters()) for s in (None, "scse")
+    )
+    assert int(by[("none", "mean")]["parameters"]) == n0 and int(by[("scse", "mean")]["parameters"]) == n1
+    md = (out / "results.md").read_text()
+    assert "| unet |" in md and "95 % CI" in md and "0.763 / 0.857" in md
+
+
+def test_seed_rows_report_the_spread_between_seeds() -> None:
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        for c in range(4):
+            rows.append({"case": f"c{c}", "seed": seed, **{f"dice_{o}": 0.5 + shift + 0.01 * c for o in ORGANS}})
+    out = _seed_rows({("unet", "none"): rows}, ORGANS)
+    assert [r["seed"] for r in out] == [0, 1]
+    assert out[0]["difference_vs_first_seed"] == 0.0
+    assert out[1]["difference_vs_first_seed"] == pytest.approx(0.1)
+    assert out[1]["mean_dice"] == pytest.approx(0.615)
+
+
+def test_paired_statistics_on_known_numbers() -> None:
     # all six differences positive and distinct: exact two-sided p = 2 / 2**6
-    r = wilcoxon_paired([1.1, 2.2, 3.3, 4.4, 5.5, 6.6], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
-    assert r["p_value"] == pytest.approx(2 / 64) and r["n_pairs"] == 6 and r["note"] == ""
-    # differences 1, -2, 3, 4, 5: W- = 2; subsets of ranks 1..5 with sum <= 2: {}, {1}, {2} -> p = 2 * 3 / 32
-    r = wilcoxon_paired([1, -2, 3, 4, 5], [0, 0, 0, 0, 0])
-    assert r["p_value"] == pytest.approx(6 / 32)
-    assert "cannot go below" in r["note"]  # 5 pairs: min p = 1/16 > 0.05
-    # NaN pairs dropped; too few pairs or all-zero differences: NaN p with a note
-    r = wilcoxon_paired([0.5, math.nan, 0.7], [0.4, 0.3, math.nan])
-    assert math.isnan(r["p_value"]) and r["n_pairs"] == 1 and "not tested" in r["note"]
-    r = wilcoxon_paired([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
-    assert math.isnan(r["p_value"]) and "zero" in r["note"]
+    assert wilcoxon_paired([1.1, 2.2, 3.3, 4.4, 5.5, 6.6], [1, 2, 3, 4, 5, 6]) == pytest.approx(2 / 64)
+    a, b = [0.9, 0.8, 0.85, 0.7, 0.95, 0.6], [0.8, 0.82, 0.8, 0.6, 0.9, 0.6]
+    assert wilcoxon_paired(a, b) == pytest.approx(sps.wilcoxon(a, b).pvalue)
+    assert math.isnan(wilcoxon_paired([0.5, 0.6], [0.5, 0.6]))
     with pytest.raises(ValueError, match="length"):
         wilcoxon_paired([1, 2], [1])
+    r = paired_difference(a + [math.nan], b + [0.5])
+    assert r["n"] == 6 and r["n_improved"] == 4
+    assert r["mean_difference"] == pytest.approx(np.mean(np.subtract(a, b)))
+    assert r["ci_low"] < r["mean_difference"] < r["ci_high"]
+    # the bootstrap: reproducible, and its width shrinks like 1/sqrt(n)
+    rng = np.random.default_rng(1)
+    small, big = rng.normal(0.02, 0.05, 16), rng.normal(0.02, 0.05, 1600)
+    assert bootstrap_ci(small) == bootstrap_ci(small)
+    w_small, w_big = np.diff(bootstrap_ci(small))[0], np.diff(bootstrap_ci(big, 2000))[0]
+    assert 5 < w_small / w_big < 20
+    assert all(math.isnan(x) for x in bootstrap_ci([0.1]))
+
+
+def test_score_case_dice_hd95_and_volume() -> None:
+    label = torch.zeros(1, 20, 20, 10, dtype=torch.long)
+    label[0, 5:15, 5:15, 2:8] = 1
+    pred = torch.zeros_like(label)
+    pred[0, 7:17, 5:15, 2:8] = 1  # shifted by 2 voxels along x (spacing 2 mm): every surface distance <= 4 mm
+    s = score_case(pred, label, (2.0, 1.0, 1.0), ["liver", "spleen"])
+    assert s["dice_liver"] == pytest.approx(2 * 8 * 10 * 6 / (2 * 600))
+    assert s["hd95_liver"] == pytest.approx(4.0)
+    assert s["volume_ratio_liver"] == pytest.approx(1.0)
+    assert math.isnan(s["dice_spleen"]) and math.isnan(s["hd95_spleen"]) and math.isnan(s["volume_ratio_spleen"])
+    pred[0, 0:4, 0:4, 0:2] = 2  # spleen predicted where there is none: Dice stays NaN (absent from the truth)
+    assert math.isnan(score_case(pred, label, (1.0, 1.0, 1.0), ["liver", "spleen"])["dice_spleen"])
+    with pytest.raises(ValueError, match="shape"):
+        score_case(pred[..., :5], label, (1.0, 1.0, 1.0), ["liver", "spleen"])
 
 
 def test_folds_stay_patient_level(tmp_path: Path, datalist: Path) -> None:
     meta = json.loads(datalist.read_text())
-    # two volumes of one patient must land in one fold
-    extra = dict(meta["training"][0])
-    extra["image"] = meta["training"][0]["image"]
+    extra = dict(meta["training"][0])  # a second volume of one patient must land in the same fold
     meta["training"].append(extra)
-    src = datalist.parent / "datalist.json"
     p = tmp_path / "dl.json"
     p.write_text(json.dumps(meta))
-    (tmp_path / "imagesTr").symlink_to(src.parent / "imagesTr")
-    (tmp_path / "labelsTr").symlink_to(src.parent / "labelsTr")
+    (tmp_path / "imagesTr").symlink_to(datalist.parent / "imagesTr")
+    (tmp_path / "labelsTr").symlink_to(datalist.parent / "labelsTr")
     folded = make_folds(p, 3)
     by_patient: dict[str, set[int]] = {}
     for item in folded["training"]:
@@ -182,69 +218,56 @@ def test_folds_stay_patient_level(tmp_path: Path, datalist: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("command", "args", "message"),
     [
-        (["--se", "none,bogus"], "--se"),
-        (["--networks", "vnet"], "--networks"),
-        (["--folds", "1"], "--folds"),
-        (["--folds", "5"], "only 4 patients"),
-        (["--epochs", "0"], "--epochs"),
-        (["--roi-size", "60", "60"], "--roi-size"),
-        (["--aggregation", "min"], "--aggregation"),
-        (["--recipe", "fast"], "fast"),
-        (["--checkpoint", "best", "--val-interval", "3", "--epochs", "2"], "--checkpoint best"),
+        ("compare", ["--se", "none,bogus"], "--se"),
+        ("compare", ["--networks", "vnet"], "--networks"),
+        ("compare", ["--folds", "1"], "--folds"),
+        ("crossval", ["--folds", "5"], "only 4 patients"),
+        ("crossval", ["--epochs", "0"], "--epochs"),
+        ("compare", ["--aggregation", "min"], "--aggregation"),
+        ("compare", ["--recipe", "fast"], "fast"),
+        ("compare", ["--seeds", "1,1"], "--seeds"),
+        ("crossval", ["--dataset-config", "nope"], "nope"),
     ],
 )
-def test_invalid_arguments_exit_2_without_output(tmp_path: Path, datalist: Path, capsys, args, message) -> None:
+def test_invalid_arguments_exit_2_without_output(tmp_path: Path, datalist: Path, capsys, command, args, message):
     out = tmp_path / "out"
-    code = main(["compare", "--datalist", str(datalist), "--out", str(out), "--no-progress", *args])
+    code = main([command, "--datalist", str(datalist), "--out", str(out), "--no-progress", *args])
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
 
 
-@pytest.mark.slow
-def test_missing_datalist_and_foreign_or_mismatched_out(tmp_path: Path, datalist: Path, finished, capsys) -> None:
-    assert main(["compare", "--datalist", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 2
+def test_missing_datalist_and_foreign_out(tmp_path: Path, datalist: Path, capsys) -> None:
+    assert main(["crossval", "--datalist", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 2
     assert "nope.json" in capsys.readouterr().err
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("user data")
-    assert main(["compare", "--datalist", str(datalist), "--out", str(foreign), "--no-progress"]) == 2
+    assert main(["crossval", "--datalist", str(datalist), "--out", str(foreign), "--folds", "2", "--no-progress"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
-    out, _ = finished
-    args = ["--networks", "unet", "--se", "none,scse", "--features", "4", "--roi-size", "64", "64"]
-    code = main(["compare", "--datalist", str(datalist), "--out", str(out), "--epochs", "2", "--no-progress", *args])
-    assert code == 2
-    assert "epochs" in capsys.readouterr().err
 
 
-def test_bundle_override_parsing() -> None:
+def test_bundle_override_parsing(tmp_path: Path, datalist: Path, capsys) -> None:
     from scse_monai.experiments.__main__ import _bundle_override
 
-    assert _bundle_override("loss#weight_power=0.25") == ("loss#weight_power", 0.25)
+    assert _bundle_override("features=16") == ("features", 16)
     assert _bundle_override("pixdim=[2, 2, -1]") == ("pixdim", [2, 2, -1])
     assert _bundle_override("optimizer#_target_=torch.optim.AdamW") == ("optimizer#_target_", "torch.optim.AdamW")
-
-
-def test_bad_set_exits_2(tmp_path: Path, datalist: Path, capsys) -> None:
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        main(["compare", "--datalist", str(datalist), "--out", str(out), "--set", "weight_power"])
-    assert e.value.code == 2
-    assert "ID=VALUE" in capsys.readouterr().err
-    assert not out.exists()
+        main(["compare", "--datalist", str(datalist), "--out", str(out), "--set", "features"])
+    assert e.value.code == 2 and "ID=VALUE" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.slow
-def test_set_reaches_every_run_and_is_recorded(tmp_path: Path, datalist: Path) -> None:
-    out = tmp_path / "out"
-    small = {**TINY, "networks": ["unet"], "se": ["scse"]}
-    compare(datalist, out, bundle_overrides={"reduction_ratio": 4}, **small)
-    assert json.loads((out / "settings.json").read_text())["overrides"]["reduction_ratio"] == 4
+def test_set_reaches_every_run_and_is_recorded(cv) -> None:
+    out, _ = cv
+    assert json.loads((out / "settings.json").read_text())["overrides"]["features"] == 4
     for fold in (0, 1):
-        ckpt = sorted((out / "runs" / "unet_scse_max" / f"fold{fold}" / "models").glob("checkpoint_epoch=*.pt"))[-1]
+        ckpt = out / "runs" / "unet_scse" / "seed0" / f"fold{fold}" / "models" / "checkpoint_epoch=1.pt"
         weights = torch.load(ckpt, weights_only=True)["model"]
-        assert weights["encoder_se.0.cse.fc.0.weight"].shape == (1, 4)  # 4 features / r 4 (the default r 2 gives 2)
+        assert weights["encoder_se.0.cse.fc.0.weight"].shape == (2, 4)  # 4 features, the bundle's r = 2

@@ -1,17 +1,21 @@
-"""Experiment runner: reproduce the paper's Table 1 (network x SE variant, patient-level folds) through the bundle.
+"""Experiments through the bundle: patient-level cross-validation of the shipped recipe, and the paper's
+comparison of SE variants (Table 1), each held-out patient scored with its fold's last-epoch weights.
 
-Command line: ``python -m scse_monai.experiments compare --datalist PREPARED/datalist.json ...`` (see ``--help``).
+Command line: ``python -m scse_monai.experiments {crossval,compare} --datalist PREPARED/datalist.json ...``.
 """
 
-from scse_monai.experiments.compare import SE_VARIANTS, ExperimentError, compare, make_folds
-from scse_monai.experiments.stats import read_per_case, summarize, wilcoxon_paired
+from scse_monai.experiments.compare import SE_VARIANTS, compare
+from scse_monai.experiments.crossval import crossval
+from scse_monai.experiments.setup import ExperimentError, make_folds
+from scse_monai.experiments.stats import bootstrap_ci, paired_difference, wilcoxon_paired
 
 __all__ = [
     "SE_VARIANTS",
     "ExperimentError",
+    "bootstrap_ci",
     "compare",
+    "crossval",
     "make_folds",
-    "read_per_case",
-    "summarize",
+    "paired_difference",
     "wilcoxon_paired",
 ]

@@ -1,4 +1,4 @@
-"""``python -m scse_monai.experiments compare ...``: train and compare SE variants through the bundle."""
+"""``python -m scse_monai.experiments {crossval,compare} ...``: cross-validate the bundle, or compare SE variants."""
 
 from __future__ import annotations
 
@@ -7,97 +7,108 @@ import json
 import sys
 from collections.abc import Sequence
 
-from scse_monai.experiments.compare import AGGREGATIONS, SE_VARIANTS, ExperimentError, compare
-from scse_monai.experiments.runs import NETWORK_TARGETS
+from scse_monai.blocks import AGGREGATIONS
+from scse_monai.experiments.compare import SE_VARIANTS, compare
+from scse_monai.experiments.crossval import crossval
+from scse_monai.experiments.setup import ExperimentError
+from scse_monai.networks.registry import NETWORKS
 
 
 def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _bundle_override(text: str) -> tuple[str, object]:
     """``ID=VALUE`` -> ``(ID, VALUE)``; VALUE is read as JSON (``0.25``, ``[2, 2, -1]``, ``true``), else a string."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected ID=VALUE (e.g. loss#weight_power=0.25), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected ID=VALUE (e.g. features=16), got {text!r}")
     try:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:
         return key.strip(), value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m scse_monai.experiments",
-        description="Reproduce Table 1 of Roy et al.: train every network x SE variant on patient-level folds "
-        "through the bundle, then write Dice tables, Wilcoxon tests, parameter counts and figures.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compare", help="train, evaluate and compare (resumable)")
-    c.add_argument("--datalist", required=True, help="datalist.json of a prepared dataset")
-    c.add_argument("--out", required=True, help="output folder (re-run with the same settings to resume)")
-    c.add_argument("--networks", type=_csv_list, default=list(NETWORK_TARGETS), help=",".join(NETWORK_TARGETS))
-    c.add_argument("--se", type=_csv_list, default=list(SE_VARIANTS), help=",".join(SE_VARIANTS))
-    c.add_argument(
-        "--aggregation", type=_csv_list, default=["max"], help="scSE aggregation(s): " + ",".join(AGGREGATIONS)
-    )
-    c.add_argument("--folds", type=int, default=2, help="patient-level folds K (each held out once)")
-    c.add_argument("--epochs", type=int, default=10)
-    c.add_argument("--features", type=int, default=None, help="channels per stage (bundle default 32; paper 64)")
-    c.add_argument("--kernel-size", type=int, default=None, help="default: each network's own (SD-Net 7, else 5)")
-    c.add_argument("--roi-size", type=int, nargs=2, default=None, metavar=("H", "W"))
-    c.add_argument("--pixdim", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="-1 keeps an axis")
-    c.add_argument("--val-interval", type=int, default=1, help="validate every N epochs (training curves)")
-    c.add_argument("--num-workers", type=int, default=None)
-    c.add_argument("--dataset-config", default=None, help="bundle/configs/datasets/<name>.json, e.g. chaos_ct")
-    c.add_argument("--recipe", default=None, help="bundle/configs/recipes/<name>.json: paper or report")
-    c.add_argument(
-        "--checkpoint",
-        choices=("last", "best"),
-        default="last",
-        help="evaluate the last epoch (default) or the best validation epoch (optimistic)",
-    )
-    c.add_argument(
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--datalist", required=True, help="datalist.json of a prepared dataset")
+    p.add_argument("--out", required=True, help="output folder (run again with the same settings to resume)")
+    p.add_argument("--folds", type=int, default=4, help="patient-level folds, each held out once (default 4)")
+    p.add_argument("--seeds", type=_int_list, default=[0], help="training seeds, e.g. 0,1 (default 0)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the bundle's")
+    p.add_argument("--dataset-config", default=None, help="bundle/configs/datasets/<name>.json, e.g. chaos_mr_t2")
+    p.add_argument(
         "--set",
         dest="bundle_overrides",
         type=_bundle_override,
         action="append",
         default=[],
         metavar="ID=VALUE",
-        help="any other bundle override for every run, VALUE as JSON, e.g. --set loss#weight_power=0.25",
+        help="any other bundle override for every run, VALUE as JSON, e.g. --set features=16",
     )
-    c.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m scse_monai.experiments",
+        description="Train the bundle on patient-level folds and score every held-out patient with its fold's "
+        "last-epoch weights: cross-validation of the shipped recipe, or a paired comparison of SE variants.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    cv = sub.add_parser("crossval", help="cross-validate the bundle's recipe (resumable)")
+    _common(cv)
+    cv.add_argument("--network", choices=list(NETWORKS), default="unet")
+    cv.add_argument("--se", choices=list(SE_VARIANTS), default="scse")
+    c = sub.add_parser("compare", help="compare SE variants, paired by patient (resumable)")
+    _common(c)
+    c.add_argument("--networks", type=_csv_list, default=["unet"], help=",".join(NETWORKS))
+    c.add_argument("--se", type=_csv_list, default=["none", "scse"], help=",".join(SE_VARIANTS))
+    c.add_argument("--aggregation", type=_csv_list, default=["max"], help=",".join(AGGREGATIONS))
+    c.add_argument("--features", type=int, default=None, help="channels per stage (default: the bundle's)")
+    c.add_argument("--kernel-size", type=int, default=None, help="default: the bundle's")
+    c.add_argument("--recipe", default=None, help="bundle/configs/recipes/<name>.json: paper or report")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    common = {
+        "datalist": args.datalist,
+        "out": args.out,
+        "folds": args.folds,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "dataset_config": args.dataset_config,
+        "bundle_overrides": dict(args.bundle_overrides),
+        "progress": not args.no_progress,
+    }
     try:
-        result = compare(
-            datalist=args.datalist,
-            out=args.out,
-            networks=args.networks,
-            se=args.se,
-            folds=args.folds,
-            epochs=args.epochs,
-            aggregation=args.aggregation,
-            features=args.features,
-            kernel_size=args.kernel_size,
-            roi_size=args.roi_size,
-            pixdim=args.pixdim,
-            val_interval=args.val_interval,
-            num_workers=args.num_workers,
-            dataset_config=args.dataset_config,
-            recipe=args.recipe,
-            checkpoint=args.checkpoint,
-            bundle_overrides=dict(args.bundle_overrides),
-            progress=not args.no_progress,
-        )
+        if args.command == "crossval":
+            result = crossval(network=args.network, se=args.se, **common)
+            print(f"trained {result['trained']} folds, skipped {result['skipped']} finished folds")
+            print(f"written: {result['md']}, {result['per_patient_csv']}, {result['summary_csv']}")
+        else:
+            result = compare(
+                networks=args.networks,
+                se=args.se,
+                aggregation=args.aggregation,
+                features=args.features,
+                kernel_size=args.kernel_size,
+                recipe=args.recipe,
+                **common,
+            )
+            print(f"trained {result['trained']} runs, skipped {result['skipped']} finished runs")
+            print(f"written: {result['results_md']}, {result['results_csv']}, {result['per_case_csv']}")
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"trained {result['trained']} runs, skipped {result['skipped']} finished runs")
-    print(f"written: {result['results_md']}, {result['results_csv']}, {result['per_case_csv']}")
     for f in result["figures"]:
         print(f"figure: {f}")
     return 0

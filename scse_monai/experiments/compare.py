@@ -1,73 +1,46 @@
-"""Table 1 of Roy et al. in one call: every network x SE variant x fold through the bundle, then statistics.
+"""Table 1 of Roy et al. through the bundle: network x SE variant x seed x patient-level fold, then paired statistics.
+
+Every run uses the bundle's own recipe (``train.json`` + dataset config); only the network, SE variant, seed and
+held-out fold change. Each held-out patient is predicted with its fold's last-epoch weights and scored on the
+original grid (:mod:`scse_monai.experiments.heldout`). Variants are compared with ``none`` paired by patient.
 
 Output folder layout::
 
-    OUT/settings.json                  settings shared by all runs (a re-run must match them)
-    OUT/datalist.json                  the datalist with patient-level folds 0..K-1 (absolute paths)
-    OUT/runs/<net>_<se>[_<agg>]/fold<k>/{models,eval,run.log}
-    OUT/per_case.csv                   network, variant, fold, case, dice_<organ>...
-    OUT/results.csv, OUT/results.md    mean ± std Dice, Wilcoxon p vs none, parameters
-    OUT/dice_boxplot_<net>.png, OUT/training_curves_<net>.png, OUT/overlay.png
-    OUT/compare.log                    which runs were trained, resumed or skipped
+    OUT/settings.json, OUT/datalist.json      the recipe a re-run must match; the folds
+    OUT/runs/<net>_<se>[_<agg>]/seed<s>/fold<k>/
+    OUT/per_case.csv                          network, variant, seed, fold, case, dice_*, hd95_*, volume_ratio_*
+    OUT/results.csv                           per network x variant x organ: mean ± std, paired vs none
+    OUT/seeds.csv                             per network x variant x seed: mean Dice (the seed-to-seed spread)
+    OUT/results.md, OUT/dice_boxplot_<net>.png, OUT/overlay_<net>_<case>.png, OUT/training_curves_<net>.png
 """
 
 from __future__ import annotations
 
-import csv
-import datetime
-import inspect
-import io
-import json
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from scse_monai.atomic import write_text_atomic
+from scse_monai.blocks import AGGREGATIONS, SE_LAYER_NAMES
 from scse_monai.experiments import figures
-from scse_monai.experiments.runs import NETWORK_TARGETS, BundleSettings, Run
-from scse_monai.experiments.stats import read_per_case, summarize
+from scse_monai.experiments.crossval import csv_text, fmt, run_all
+from scse_monai.experiments.heldout import organ_keys, read_heldout
+from scse_monai.experiments.runs import BundleSettings, Run
+from scse_monai.experiments.setup import ExperimentError, bundle_settings, check_seeds, open_experiment
+from scse_monai.experiments.stats import paired_difference
+from scse_monai.networks.registry import NETWORKS
 
-__all__ = ["SE_VARIANTS", "ExperimentError", "compare", "default_bundle_root"]
+__all__ = ["BASELINE", "SE_VARIANTS", "compare"]
 
-SE_VARIANTS = ("none", "cse", "sse", "scse")
-AGGREGATIONS = ("max", "add", "mul", "concat")
+SE_VARIANTS = SE_LAYER_NAMES
 BASELINE = "none"
+#: Roy et al. (TMI 2019), U-Net mean Dice without and with scSE: MALC brain / VISCERAL
+PAPER = {("unet", "none"): "0.763 / 0.857", ("unet", "scse"): "0.843 / 0.881"}
 
 
-class ExperimentError(ValueError):
-    """Invalid arguments or an output folder that belongs to a different comparison."""
-
-
-def default_bundle_root() -> Path:
-    """The repository's ``bundle/`` folder (next to the ``scse_monai`` package)."""
-    return Path(__file__).resolve().parents[2] / "bundle"
-
-
-def _table_cell(row: dict | None, variant: str) -> str:
-    """``mean ± std`` of one summary row, with the p-value against the baseline; empty when missing."""
-    if row is None:
-        return ""
-    cell = f"{_fmt(row['mean'])} ± {_fmt(row['std'])}"
-    if variant != BASELINE:
-        cell += f" (p={_p(row[f'p_vs_{BASELINE}'])})"
-    return cell
-
-
-def _csv_text(header: Sequence[str], rows: Sequence[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(header), lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-    return buf.getvalue()
-
-
-def _check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> list[str]:
+def _choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> list[str]:
     values = [v.strip().lower() for v in values if v.strip()]
     bad = [v for v in values if v not in allowed]
     if not values or bad:
@@ -77,430 +50,296 @@ def _check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> 
     return values
 
 
-def make_folds(datalist_file: Path, folds: int) -> dict:
-    """The datalist with patient-level folds ``0..folds-1`` and absolute image/label paths.
-
-    The prepared folds are kept when there are exactly ``folds`` of them; otherwise patients (ordered by their
-    prepared fold, then id) are dealt round-robin into ``folds`` groups: every patient's volumes stay in one fold.
-
-    Raises:
-        ExperimentError: unreadable datalist, no training items, or fewer patients than folds.
-    """
-    try:
-        meta = json.loads(Path(datalist_file).read_text())
-    except FileNotFoundError:
-        raise ExperimentError(f"--datalist {datalist_file} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExperimentError(f"--datalist {datalist_file} is not a JSON datalist: {e}") from None
-    items = meta.get("training") if isinstance(meta, dict) else None
-    if not items or not all(isinstance(i, dict) and "image" in i and "label" in i for i in items):
-        raise ExperimentError(f"--datalist {datalist_file}: no 'training' items with image and label")
-    base = Path(datalist_file).resolve().parent
-    patients: dict[str, int] = {}
-    for item in items:
-        patients.setdefault(str(item.get("patient", item["image"])), int(item.get("fold", 0)))
-    if len(patients) < folds:
-        raise ExperimentError(f"--folds {folds}: the datalist has only {len(patients)} patients")
-    keep = sorted(set(patients.values())) == list(range(folds))
-    order = sorted(patients, key=lambda p: (patients[p], p))
-    new_fold = {p: (patients[p] if keep else i % folds) for i, p in enumerate(order)}
-    out = dict(meta)
-    out["folds"] = folds
-    out["training"] = []
-    for item in items:
-        item = dict(item)
-        for key in ("image", "label"):
-            item[key] = str((base / item[key]).resolve())
-        item["fold"] = new_fold[str(item.get("patient", item["image"]))]
-        out["training"].append(item)
-    return out
-
-
-def _settings_check(path: Path, settings: dict) -> None:
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-            raise ExperimentError(
-                f"--out {path.parent} holds a comparison with other settings ({details}); "
-                "use another --out or the same settings"
-            )
-    else:
-        write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
-
-
-def _variant(se: str, aggregation: str | None, many_aggregations: bool) -> str:
-    return f"{se}_{aggregation}" if aggregation and many_aggregations else se
+def _runs(networks, ses, aggs, seeds, folds, root: Path, kernel_size) -> dict[tuple[str, str], list[Run]]:
+    """``{(network, variant): [Run per seed x fold]}``; scSE with several aggregations is one variant each."""
+    variants: dict[tuple[str, str], list[Run]] = {}
+    for net in networks:
+        for s in ses:
+            for agg in aggs if s == "scse" and len(aggs) > 1 else [None]:
+                name = f"{s}_{agg}" if agg else s
+                runs = [Run(net, s, agg, k, root, kernel_size, seed) for seed in seeds for k in range(folds)]
+                variants[(net, name)] = runs
+    return variants
 
 
 def compare(
     datalist: str | Path,
     out: str | Path,
-    networks: Sequence[str] = ("unet", "sdnet", "fcdensenet"),
-    se: Sequence[str] = SE_VARIANTS,
-    folds: int = 2,
-    epochs: int = 10,
+    networks: Sequence[str] = ("unet",),
+    se: Sequence[str] = ("none", "scse"),
     aggregation: Sequence[str] = ("max",),
+    folds: int = 4,
+    seeds: Sequence[int] = (0,),
+    epochs: int | None = None,
     features: int | None = None,
     kernel_size: int | None = None,
-    roi_size: Sequence[int] | None = None,
-    pixdim: Sequence[float] | None = None,
-    val_interval: int = 1,
-    num_workers: int | None = None,
     dataset_config: str | None = None,
     recipe: str | None = None,
-    checkpoint: str = "last",
     bundle_overrides: dict | None = None,
     bundle_root: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Trains and evaluates every network x SE variant x fold through the bundle and writes the comparison.
+    """Trains and scores every network x SE variant x seed x fold through the bundle, then compares with ``none``.
+
+    Re-running with the same recipe resumes: finished runs are skipped, a killed one resumes from its latest
+    checkpoint. Networks, variants and seeds may be added in a later call to the same ``out``.
 
     Args:
-        datalist: ``datalist.json`` of a prepared dataset (``python -m scse_monai.data prepare``).
-        out: output folder (created; re-running with the same settings resumes, finished runs are skipped).
+        datalist: ``datalist.json`` of a prepared dataset.
+        out: output folder.
         networks: any of ``"unet"``, ``"sdnet"``, ``"fcdensenet"``.
-        se: SE variants, any of ``"none"``, ``"cse"``, ``"sse"``, ``"scse"``; ``"none"`` is the baseline of
-            the Wilcoxon tests.
-        folds: number of patient-level folds K (>= 2); every fold is held out once.
-        epochs: training epochs of every run.
-        aggregation: scSE aggregations (each one a separate scSE variant ``scse_<agg>`` when several).
-        features: channels of every stage (bundle default when ``None``).
-        kernel_size: convolution kernel size; ``None``: each network's own default (SD-Net 7, others 5).
-        roi_size: in-plane training/inference size ``[H, W]`` (bundle default when ``None``).
-        pixdim: resampling spacing, ``-1`` keeps an axis (bundle default when ``None``).
-        val_interval: validate on the held-out fold every N epochs (training curves).
-        num_workers: data loader workers (bundle default when ``None``).
-        dataset_config: a ``bundle/configs/datasets/<name>.json`` override (e.g. ``chaos_ct`` for the CT window).
-        recipe: a ``bundle/configs/recipes/<name>.json`` override (``paper`` or ``report``).
-        checkpoint: evaluate the ``"last"`` epoch (default; the held-out fold is never used to pick weights) or
-            the ``"best"`` validation epoch (optimistic: picked on the evaluated fold).
-        bundle_overrides: any other bundle ids for every run, e.g. ``{"loss#weight_power": 0.25}`` (applied
-            last; recorded in ``settings.json`` like the rest).
+        se: any of ``"none"``, ``"cse"``, ``"sse"``, ``"scse"``; ``"none"`` is the baseline.
+        aggregation: scSE aggregation(s); with several, each is its own variant ``scse_<agg>``.
+        folds: patient-level folds (each held out once).
+        seeds: training seeds; per patient, each variant's values are averaged over them.
+        epochs: training epochs (``None``: the bundle's).
+        features: channels per stage (``None``: the bundle's).
+        kernel_size: convolution kernel size (``None``: the bundle's).
+        dataset_config: ``bundle/configs/datasets/<name>.json``, e.g. ``chaos_mr_t2``.
+        recipe: ``bundle/configs/recipes/<name>.json`` (``paper`` or ``report``).
+        bundle_overrides: other bundle ids for every run.
         bundle_root: the bundle folder (default: the repository's ``bundle/``).
-        progress: show a progress bar over runs.
+        progress: progress bar over runs.
 
     Returns:
-        ``{"results_csv", "results_md", "trained", "skipped", "figures", ...}`` (paths and counts).
+        ``{"results_csv", "results_md", "per_case_csv", "figures", "rows", "trained", "skipped"}``.
 
     Raises:
-        ExperimentError: invalid arguments, or ``out`` holds a comparison with different settings.
+        ExperimentError: invalid arguments, or ``out`` holds an experiment with another recipe.
 
     Example::
 
-        >>> compare("prepared/datalist.json", "cmp", networks=["unet"], se=["none", "scse"], folds=2, epochs=3)
-        ... # doctest: +SKIP
+        >>> compare("prepared/datalist.json", "cmp", se=["none", "scse"], seeds=[0, 1])  # doctest: +SKIP
     """
-    networks = _check_choices("networks", networks, list(NETWORK_TARGETS))
-    ses = _check_choices("se", se, SE_VARIANTS)
-    aggs = _check_choices("aggregation", aggregation, AGGREGATIONS)
-    for name, value, low in (("folds", folds, 2), ("epochs", epochs, 1), ("val-interval", val_interval, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ExperimentError(f"--{name} must be an integer >= {low}, got {value!r}")
+    networks = _choices("networks", networks, list(NETWORKS))
+    ses = _choices("se", se, SE_VARIANTS)
+    aggs = _choices("aggregation", aggregation, AGGREGATIONS)
+    seeds = check_seeds(seeds)
     for name, value in (("features", features), ("kernel-size", kernel_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ExperimentError(f"--{name} must be a positive integer, got {value!r}")
     if kernel_size is not None and kernel_size % 2 == 0:
         raise ExperimentError(f"--kernel-size must be odd (same padding), got {kernel_size}")
-    if roi_size is not None and (len(roi_size) != 2 or any(int(v) < 16 or int(v) % 16 for v in roi_size)):
-        raise ExperimentError(f"--roi-size needs two multiples of 16 (4 poolings), got {list(roi_size)}")
-    if pixdim is not None and (len(pixdim) != 3 or any(v == 0 for v in pixdim)):
-        raise ExperimentError(f"--pixdim needs three spacings (-1 keeps an axis), got {list(pixdim)}")
-    if checkpoint not in ("last", "best"):
-        raise ExperimentError(f"--checkpoint must be 'last' or 'best', got {checkpoint!r}")
-    if checkpoint == "best" and val_interval > epochs:
-        raise ExperimentError(f"--checkpoint best needs validation: --val-interval {val_interval} > --epochs {epochs}")
-    bundle_root = Path(bundle_root) if bundle_root else default_bundle_root()
-    extra = []
-    for kind, name in (("datasets", dataset_config), ("recipes", recipe)):
-        if name:
-            path = bundle_root / "configs" / kind / f"{name}.json"
-            if not path.is_file():
-                found = sorted(p.stem for p in (bundle_root / "configs" / kind).glob("*.json"))
-                raise ExperimentError(f"--{kind[:-1].replace('dataset', 'dataset-config')} {name!r}: not in {found}")
-            extra.append(f"{kind}/{name}.json")
-    datalist = Path(datalist)
-    folded = make_folds(datalist, folds)
-    labels = folded.get("labels") or {}
-    organs_all = [labels[k] for k in sorted(labels, key=int)][1:]
-    if not organs_all:
-        raise ExperimentError(f"--datalist {datalist}: no 'labels' map with foreground classes")
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ExperimentError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "settings.json").is_file():
-        raise ExperimentError(f"--out {out} is not empty and holds no comparison (settings.json); not writing there")
-    out.mkdir(parents=True, exist_ok=True)
-
-    overrides: dict = {"num_classes": len(labels), "in_channels": max(1, len(folded.get("modality") or {0: ""}))}
-    for key, value in (("features", features), ("num_workers", num_workers)):
-        if value is not None:
-            overrides[key] = int(value)
-    if roi_size is not None:
-        overrides["roi_size"] = [int(v) for v in roi_size]
-    if pixdim is not None:
-        overrides["pixdim"] = [float(v) for v in pixdim]
-    overrides["val_interval"] = val_interval
-    for key, value in (bundle_overrides or {}).items():
-        if not isinstance(key, str) or not key or key.startswith("#"):
-            raise ExperimentError(f"--set: bad bundle id {key!r}")
-        overrides[key] = value
-    settings_record = {
-        "datalist": str(datalist.resolve()),
-        "folds": folds,
-        "epochs": epochs,
-        "kernel_size": kernel_size,
-        "overrides": overrides,
-        "extra_configs": extra,
-        "checkpoint": checkpoint,
-    }
-    _settings_check(out / "settings.json", settings_record)
-    folded_path = out / "datalist.json"
-    if not folded_path.is_file():
-        write_text_atomic(folded_path, json.dumps(folded, indent=1) + "\n")
-    settings = BundleSettings(bundle_root, folded_path, epochs, overrides, extra, checkpoint)
-
-    many_aggs = len(aggs) > 1
-    runs: list[Run] = []
-    variants: dict[tuple[str, str], list[Run]] = {}
-    for net in networks:
-        k = kernel_size or inspect.signature(_network_class(net)).parameters["kernel_size"].default
-        for s in ses:
-            for agg in aggs if s == "scse" else [None]:
-                for fold in range(folds):
-                    run = Run(net, s, agg, fold, out / "runs", int(k))
-                    runs.append(run)
-                    variants.setdefault((net, _variant(s, agg, many_aggs)), []).append(run)
-
-    log_path = out / "compare.log"
-    trained = skipped = 0
-    start = time.perf_counter()
-    bar = tqdm(runs, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
-    with open(log_path, "a", encoding="utf-8") as log:
-
-        def note(msg: str) -> None:
-            log.write(f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')} {msg}\n")
-            log.flush()
-
-        note(f"compare: {len(runs)} runs in {out}")
-        for run in bar:
-            bar.set_postfix_str(f"{run.name} fold {run.fold}")
-            if run.finished:
-                skipped += 1
-                note(f"skip {run.name} fold {run.fold}: finished ({run.eval_csv.name} exists)")
-                continue
-            done = run.trained_epochs()
-            note(f"{'resume' if done else 'train'} {run.name} fold {run.fold} at epoch {done}/{epochs}")
-            t0 = time.perf_counter()
-            run.train(settings, run.folder / "run.log")
-            run.evaluate(settings, run.folder / "run.log")
-            if not run.finished:
-                raise RuntimeError(
-                    f"{run.folder}: evaluation wrote no {run.eval_csv.name}; see {run.folder / 'run.log'}"
-                )
-            trained += 1
-            note(f"done {run.name} fold {run.fold} in {time.perf_counter() - t0:.1f} s")
-        note(f"compare: trained {trained}, skipped {skipped} finished runs, {time.perf_counter() - start:.1f} s")
-    bar.close()
-
-    result = _report(out, variants, settings, organs_all, ses, folded)
-    result.update({"trained": trained, "skipped": skipped, "log": str(log_path)})
+    overrides = {**({"features": features} if features else {}), **(bundle_overrides or {})}
+    settings, folded = bundle_settings(datalist, folds, epochs, dataset_config, recipe, overrides, bundle_root)
+    record = {"kind": "compare", "folds": folds, "kernel_size": kernel_size, **settings.record()}
+    out, folded = open_experiment(out, record, settings, folded)
+    variants = _runs(networks, ses, aggs, seeds, folds, out / "runs", kernel_size)
+    runs = [r for rs in variants.values() for r in rs]
+    trained, skipped = run_all(runs, settings, folded, out / "compare.log", progress)
+    result = report(out, variants, settings, folded)
+    result.update({"trained": trained, "skipped": skipped})
     return result
 
 
-def _network_class(name: str):
-    import scse_monai.networks as nets
-
-    return getattr(nets, NETWORK_TARGETS[name].rsplit(".", 1)[1])
-
-
-def _report(out: Path, variants: dict, settings: BundleSettings, organs_all: list[str], ses: list[str], folded: dict):
-    per_case: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
-    case_rows, organs = [], None
-    for (net, variant), runs in variants.items():
-        table: dict[str, dict[str, float]] = {}
-        for run in runs:
-            organs_run, dice = read_per_case(run.eval_csv)
-            organs = organs or organs_run
-            for case, vals in dice.items():
-                table[case] = vals
-                case_rows.append(
-                    {
-                        "network": net,
-                        "variant": variant,
-                        "fold": run.fold,
-                        "case": case,
-                        **{f"dice_{o}": vals.get(o, math.nan) for o in organs},
-                    }
-                )
-        per_case[(net, variant)] = table
-    organs = organs or [o.replace(" ", "_") for o in organs_all]
-    write_text_atomic(
-        out / "per_case.csv",
-        _csv_text(["network", "variant", "fold", "case", *[f"dice_{o}" for o in organs]], case_rows),
-    )
-
-    params: dict[tuple[str, str], int] = {}
-    for key, runs in variants.items():
-        params[key] = sum(p.numel() for p in runs[0].build_network(settings).parameters() if p.requires_grad)
-    rows = summarize(per_case, organs, baseline=BASELINE)
+def _per_patient(rows: list[dict], organs: list[str]) -> dict[str, dict[str, float]]:
+    """``{case: {organ or "mean": Dice averaged over seeds}}`` from heldout rows of one variant."""
+    by_case: dict[str, list[dict]] = {}
     for r in rows:
-        n = params[(r["network"], r["variant"])]
-        base = params.get((r["network"], BASELINE))
-        r["parameters"] = n
-        r["parameters_added_percent"] = round(100.0 * (n - base) / base, 3) if base else math.nan
-    header = [
-        "network",
-        "variant",
-        "organ",
-        "mean",
-        "std",
-        "median",
-        "n_cases",
-        f"p_vs_{BASELINE}",
-        "n_pairs",
-        "median_difference",
-        "parameters",
-        "parameters_added_percent",
-        "note",
-    ]
-    write_text_atomic(out / "results.csv", _csv_text(header, rows))
+        by_case.setdefault(r["case"], []).append(r)
+    out = {}
+    for case, rs in by_case.items():
+        vals = {o: float(np.nanmean([r[f"dice_{o}"] for r in rs])) for o in organs}
+        vals["mean"] = float(np.nanmean([vals[o] for o in organs]))
+        out[case] = vals
+    return out
 
-    figs = []
-    for net in dict.fromkeys(n for n, _ in variants):
-        sub = {v: t for (n, v), t in per_case.items() if n == net}
-        figs.append(str(figures.dice_boxplot(sub, organs, net, out / f"dice_boxplot_{net}.png")))
-        curves = {
-            v: {r.fold: r.curves_csv for r in runs if r.curves_csv.is_file()}
-            for (n, v), runs in variants.items()
-            if n == net
-        }
-        if any(curves.values()):
-            figs.append(str(figures.training_curves(curves, net, out / f"training_curves_{net}.png")))
-    overlay_note = ""
-    scse_variants = [v for (_, v) in variants if v.startswith("scse")]
-    if BASELINE in ses and scse_variants:
-        figs.append(str(_overlay(out, variants, settings, organs, scse_variants)))
-    else:
-        overlay_note = "no overlay figure: it needs both 'none' and 'scse' in --se"
-    md = _markdown(rows, organs, variants, settings, folded, figs, overlay_note)
-    write_text_atomic(out / "results.md", md)
+
+def report(out: Path, variants: dict[tuple[str, str], list[Run]], settings: BundleSettings, folded: dict) -> dict:
+    """Writes the CSVs, the markdown page and the figures from the finished runs."""
+    organs = organ_keys(folded)
+    rows_of = {
+        key: [
+            {**r, "network": key[0], "variant": key[1]}
+            for run in runs
+            if run.finished
+            for r in read_heldout(run.heldout_csv)
+        ]
+        for key, runs in variants.items()
+    }
+    all_rows = [r for rs in rows_of.values() for r in rs]
+    header = ["network", "variant", "seed", "fold", "case"]
+    header += [f"{m}_{o}" for m in ("dice", "hd95", "volume_ratio") for o in organs]
+    write_text_atomic(out / "per_case.csv", csv_text(header, all_rows))
+    table = {key: _per_patient(rs, organs) for key, rs in rows_of.items() if rs}
+    rows = _summary_rows(table, organs, variants, settings)
+    write_text_atomic(out / "results.csv", csv_text(list(rows[0]) if rows else ["network"], rows))
+    seed_rows = _seed_rows(rows_of, organs)
+    write_text_atomic(out / "seeds.csv", csv_text(list(seed_rows[0]) if seed_rows else ["network"], seed_rows))
+    figs = _figures(out, variants, table, organs, folded)
+    write_text_atomic(out / "results.md", _markdown(rows, seed_rows, organs, variants, settings, figs))
     return {
         "results_csv": str(out / "results.csv"),
         "results_md": str(out / "results.md"),
         "per_case_csv": str(out / "per_case.csv"),
-        "figures": figs,
+        "seeds_csv": str(out / "seeds.csv"),
+        "figures": [str(f) for f in figs],
         "rows": rows,
     }
 
 
-def _load_weights(run: Run, settings: BundleSettings) -> torch.nn.Module:
-    net = run.build_network(settings)
-    path = run.folder / "models" / "model.pt"
-    if settings.checkpoint == "last" or not path.is_file():
-        from scse_monai.checkpoints import latest_checkpoint
-
-        path = latest_checkpoint(run.folder / "models")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    # resume checkpoints hold {"model": ..., "optimizer": ..., ...}; model.pt holds the model's state dict
-    net.load_state_dict(state["model"] if isinstance(state.get("model"), dict) else state)
-    return net.eval()
-
-
-def _overlay(out: Path, variants: dict, settings: BundleSettings, organs: list[str], scse_variants: list[str]) -> Path:
-    """Fold-0 models of ``none`` and the scSE variant(s) on the first held-out case of fold 0, middle slice."""
-    from monai.bundle import ConfigParser
-
-    from scse_monai.experiments.runs import bundle_configs
-
-    item = sorted(
-        (i for i in json.loads(settings.datalist_file.read_text())["training"] if i["fold"] == 0),
-        key=lambda i: i["image"],
-    )[0]
-    parser = ConfigParser()
-    parser.read_config(bundle_configs(settings.bundle_root, settings.extra_configs))
-    first = next(iter(variants.values()))[0]
-    parser.update(first.overrides(settings))
-    data = parser.get_parsed_content("validate#preprocessing")({"image": item["image"], "label": item["label"]})
-    inferer = parser.get_parsed_content("validate#inferer")
-    image = torch.as_tensor(data["image"])[None].float()
-    label = np.asarray(data["label"])[0]
-    z = int(np.argmax((label > 0).reshape(-1, label.shape[-1]).sum(0)))  # slice with the most foreground
-    preds: dict[str, dict[str, np.ndarray]] = {}
-    for (net, variant), runs in variants.items():
-        if variant != BASELINE and variant not in scse_variants:
-            continue
-        run = next(r for r in runs if r.fold == 0)
-        model = _load_weights(run, settings)
-        with torch.no_grad():
-            logits = inferer(image, model)
-        preds.setdefault(net, {})[variant] = logits.argmax(1)[0].numpy()[..., z]
-    case = Path(item["image"]).name.split(".nii")[0]
-    return figures.label_overlay(
-        np.asarray(image[0, 0])[..., z], label[..., z], preds, organs, case, out / "overlay.png"
-    )
+def _summary_rows(table, organs, variants, settings) -> list[dict]:
+    rows = []
+    for (net, variant), per_case in table.items():
+        base = table.get((net, BASELINE))
+        n_params = sum(p.numel() for p in variants[(net, variant)][0].build_network(settings).parameters())
+        for organ in [*organs, "mean"]:
+            cases = sorted(per_case)
+            v = np.array([per_case[c][organ] for c in cases])
+            row = {
+                "network": net,
+                "variant": variant,
+                "organ": organ,
+                "n_patients": int(np.isfinite(v).sum()),
+                "mean": float(np.nanmean(v)),
+                "std": float(np.nanstd(v, ddof=1)) if v.size > 1 else math.nan,
+                "parameters": n_params,
+            }
+            diff = {
+                "n": 0,
+                "mean_difference": math.nan,
+                "ci_low": math.nan,
+                "ci_high": math.nan,
+                "p_wilcoxon": math.nan,
+                "n_improved": 0,
+            }
+            if base is not None and variant != BASELINE:
+                common = sorted(set(cases) & set(base))
+                diff = paired_difference([per_case[c][organ] for c in common], [base[c][organ] for c in common])
+            rows.append({**row, **{f"{k}_vs_{BASELINE}": v for k, v in diff.items()}})
+    return rows
 
 
-def _fmt(v: float, digits: int = 3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+def _seed_rows(rows_of: dict, organs: list[str]) -> list[dict]:
+    """Mean Dice per seed of each variant, and the paired difference of each seed against the first seed."""
+    out = []
+    for (net, variant), rows in rows_of.items():
+        seeds = sorted({int(r["seed"]) for r in rows})
+        per_seed = {s: _per_patient([r for r in rows if int(r["seed"]) == s], organs) for s in seeds}
+        first = per_seed[seeds[0]]
+        for s in seeds:
+            cases = sorted(set(per_seed[s]) & set(first))
+            d = paired_difference([per_seed[s][c]["mean"] for c in cases], [first[c]["mean"] for c in cases])
+            out.append(
+                {
+                    "network": net,
+                    "variant": variant,
+                    "seed": s,
+                    "n_patients": len(per_seed[s]),
+                    "mean_dice": float(np.nanmean([v["mean"] for v in per_seed[s].values()])),
+                    "difference_vs_first_seed": d["mean_difference"],
+                    "ci_low": d["ci_low"],
+                    "ci_high": d["ci_high"],
+                }
+            )
+    return out
 
 
-def _p(v: float) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.3g}")
+def _figures(out: Path, variants, table, organs: list[str], folded: dict) -> list[Path]:
+    figs = []
+    for net in dict.fromkeys(n for n, _ in table):
+        sub = {v: t for (n, v), t in table.items() if n == net}
+        figs.append(figures.dice_boxplot(sub, organs, net, out / f"dice_boxplot_{net}.png"))
+        curves = {
+            v: {r.fold: r.curves_csv for r in runs if r.seed == runs[0].seed and r.curves_csv.is_file()}
+            for (n, v), runs in variants.items()
+            if n == net
+        }
+        if any(curves.values()):
+            figs.append(figures.training_curves(curves, net, out / f"training_curves_{net}.png"))
+        figs += _overlays(out, net, variants, table, organs, folded)
+    return figs
 
 
-def _markdown(rows, organs, variants, settings: BundleSettings, folded: dict, figs: list[str], overlay_note: str):
+def _overlays(out: Path, net: str, variants, table, organs: list[str], folded: dict, n: int = 2) -> list[Path]:
+    """The ``n`` patients whose mean Dice SE changes most (first scSE variant vs none; first seed's predictions)."""
+    from monai.transforms import LoadImage
+
+    se_variant = next((v for (m, v) in table if m == net and v.startswith("scse")), None)
+    base, var = table.get((net, BASELINE)), table.get((net, se_variant))
+    if base is None or var is None:
+        return []
+    cases = sorted(set(base) & set(var), key=lambda c: -abs(var[c]["mean"] - base[c]["mean"]))[:n]
+    items = {Path(i["image"]).name.split(".nii")[0]: i for i in folded["training"]}
+    load = LoadImage(image_only=True)
+    paths = []
+    for case in cases:
+        preds = {}
+        for v in (BASELINE, se_variant):
+            run = next(r for r in variants[(net, v)] if r.fold == int(items[case]["fold"]))
+            preds[f"{v} ({var[case]['mean'] if v != BASELINE else base[case]['mean']:.3f})"] = np.asarray(
+                load(str(run.folder / "eval" / "pred" / f"{case}.nii.gz"))
+            )
+        image, label = np.asarray(load(items[case]["image"])), np.asarray(load(items[case]["label"]))
+        a, b = preds.values()
+        z = int(np.argmax((a != b).reshape(-1, a.shape[-1]).sum(0)))
+        figs_in = {net: {k: p[..., z] for k, p in preds.items()}}
+        paths.append(
+            figures.label_overlay(
+                image[..., z], label[..., z], figs_in, organs, case, out / f"overlay_{net}_{case}.png"
+            )
+        )
+    return paths
+
+
+def _markdown(rows, seed_rows, organs, variants, settings: BundleSettings, figs) -> str:
+    by = {(r["network"], r["variant"], r["organ"]): r for r in rows}
     nets = list(dict.fromkeys(n for n, _ in variants))
     vars_ = list(dict.fromkeys(v for _, v in variants))
-    by = {(r["network"], r["variant"], r["organ"]): r for r in rows}
-    n_cases = len(folded["training"])
+    seeds = sorted({r.seed for rs in variants.values() for r in rs})
+    done = sum(r.finished for rs in variants.values() for r in rs)
+    total = sum(len(rs) for rs in variants.values())
     lines = [
-        "# SE comparison (Table 1 style)",
+        "# SE comparison (Table 1 layout)",
         "",
-        f"{n_cases} cases, {folded['folds']} patient-level folds (each held out once), {settings.epochs} epochs per "
-        f"run, evaluated weights: {settings.checkpoint} epoch. Bundle overrides: "
-        f"`{json.dumps(settings.overrides)}`"
-        + (f", configs {settings.extra_configs}" if settings.extra_configs else "")
-        + ".",
+        f"{done} of {total} runs finished; seeds {seeds}; every held-out patient predicted by its fold's "
+        f"last-epoch weights and scored on the original grid. Recipe: the bundle's, configs "
+        f"{settings.extra_configs}, overrides `{settings.overrides}`.",
         "",
-        "## Mean Dice over organs (mean ± std over cases; p: Wilcoxon signed-rank vs `none`, paired by case)",
+        "## Mean Dice over organs (mean ± std over patients; each patient averaged over seeds)",
         "",
-        "| variant | " + " | ".join(nets) + " |",
-        "|---|" + "---:|" * len(nets),
+        "| network | " + " | ".join(vars_) + " | paper (MALC / VISCERAL) none → scSE |",
+        "|---|" + "---:|" * len(vars_) + "---|",
     ]
-    for v in vars_:
-        cells = [_table_cell(by.get((n, v, "mean")), v) for n in nets]
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    lines += ["", "## Per organ", ""]
     for n in nets:
-        lines += [
-            f"### {n}",
-            "",
-            "| variant | " + " | ".join(o.replace("_", " ") for o in organs) + " |",
-            "|---|" + "---:|" * len(organs),
-        ]
-        for v in vars_:
-            cells = [_table_cell(by.get((n, v, o)), v) for o in organs]
-            lines.append(f"| {v} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Parameters", "", "| network | variant | parameters | added % vs none |", "|---|---|---:|---:|"]
+        cells = [f"{fmt(r['mean'])} ± {fmt(r['std'])}" if (r := by.get((n, v, "mean"))) else "" for v in vars_]
+        paper = f"{PAPER[(n, 'none')]} → {PAPER[(n, 'scse')]}" if (n, "none") in PAPER else "—"
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {paper} |")
+    lines += [
+        "",
+        f"## Paired difference vs `{BASELINE}` (per patient; 95 % bootstrap CI, 10,000 resamples; Wilcoxon)",
+        "",
+        "| network | variant | organ | mean difference | 95 % CI | p (Wilcoxon) | patients improved |",
+        "|---|---|---|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        if r["variant"] == BASELINE or not r[f"n_vs_{BASELINE}"]:
+            continue
+        k = f"_vs_{BASELINE}"
+        lines.append(
+            f"| {r['network']} | {r['variant']} | {r['organ'].replace('_', ' ')} | {r['mean_difference' + k]:+.4f} | "
+            f"[{r['ci_low' + k]:+.4f}, {r['ci_high' + k]:+.4f}] | {fmt(r['p_wilcoxon' + k], 3)} | "
+            f"{r['n_improved' + k]} / {r['n' + k]} |"
+        )
+    lines += [
+        "",
+        "## Seeds (mean Dice over organs per seed; difference vs the first seed, paired)",
+        "",
+        "| network | variant | seed | mean Dice | difference | 95 % CI |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for s in seed_rows:
+        lines.append(
+            f"| {s['network']} | {s['variant']} | {s['seed']} | {fmt(s['mean_dice'])} | "
+            f"{s['difference_vs_first_seed']:+.4f} | [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] |"
+        )
+    lines += ["", "## Per organ (mean ± std)", ""]
+    lines += ["| network | variant | " + " | ".join(o.replace("_", " ") for o in organs) + " | parameters |"]
+    lines += ["|---|---|" + "---:|" * (len(organs) + 1)]
     for n in nets:
         for v in vars_:
-            r = by.get((n, v, "mean"))
-            if r:
-                lines.append(f"| {n} | {v} | {r['parameters']:,} | {_fmt(r['parameters_added_percent'], 2)} |")
-    notes = sorted(
-        {
-            f"{r['network']} {r['variant']} {r['organ']}: {r['note']}"
-            for r in rows
-            if r["note"] and r["note"] != "baseline"
-        }
-    )
-    lines += ["", "## Notes", ""]
-    lines += [f"- {x}" for x in notes] or ["- none"]
-    if overlay_note:
-        lines.append(f"- {overlay_note}")
+            if (n, v, "mean") in by:
+                cells = [f"{fmt(by[(n, v, o)]['mean'])} ± {fmt(by[(n, v, o)]['std'])}" for o in organs]
+                lines.append(f"| {n} | {v} | " + " | ".join(cells) + f" | {by[(n, v, 'mean')]['parameters']:,} |")
     lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figs] + [""]
     return "\n".join(lines)
