@@ -136,8 +136,9 @@ class WeightedDiceCELoss(DiceCELoss):
         weight_power: raise the weights to this power. 1 is median frequency balancing as in the papers;
             smaller powers soften it. Whole abdominal volumes are ~87 % background, so plain balancing gives
             background a weight near 0.01 and a short training run over-segments every organ; with 0.5 the
-            liver was still predicted 1.5x its true volume on CHAOS T2. The bundle uses 0.25 (the shipped
-            model's setting, see bundle/docs/README.md).
+            liver was still predicted 1.5x its true volume on CHAOS T2. ``recipes/report.json`` uses 0.25 and
+            ``recipes/paper.json`` 1; the bundle's own recipe trains with unweighted Dice + CE (the weighted
+            loss over-segmented unseen patients; see bundle/docs/README.md).
         dice_ce_kwargs: any other ``DiceCELoss`` argument (``to_onehot_y``, ``softmax``, ``include_background``,
             ``lambda_dice``, ``lambda_ce``, ...); not ``weight``. With ``include_background=False`` MONAI drops
             ``weight[0]`` for the Dice term; the cross-entropy always uses all classes.
