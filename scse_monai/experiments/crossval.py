@@ -197,9 +197,10 @@ def _summary(rows: list[dict], organs: list[str]) -> list[dict]:
 
 
 def _nan(f, a: np.ndarray) -> float:
+    """``f`` of the finite values of ``a``; NaN when there are none (or when ``f`` is undefined for them)."""
     a = a[np.isfinite(a)]
     with np.errstate(all="ignore"):
-        return float(f(a)) if a.size > 1 or (a.size == 1 and f is not np.nanstd) else math.nan
+        return float(f(a)) if a.size else math.nan
 
 
 def _worst_overlays(out: Path, runs: list[Run], rows: list[dict], folded: dict, organs: list[str]) -> list[Path]:
