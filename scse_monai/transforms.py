@@ -13,6 +13,8 @@ They are plain classes usable by ``_target_`` in a MONAI bundle config:
   with an error naming the file, instead of a silent all-background result.
 - :class:`RandFlipLeftRightd`: left-right flip that also swaps left/right label values (e.g. right kidney 2 <->
   left kidney 3). MONAI's RandFlipd flips but does not know that a flipped right kidney is a left one.
+- :class:`RandLabelIntensityScaled`: a random intensity factor per labelled organ (disease changes one organ's
+  signal, not the whole image's); MONAI's intensity transforms act on the whole image.
 
 Label remapping needs nothing new: use MONAI's ``MapLabelValued`` (e.g. a VISCERAL label map -> CHAOS indices).
 
@@ -39,6 +41,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import (
     Flip,
+    GaussianSmooth,
     MapTransform,
     NormalizeIntensity,
     RandCropByPosNegLabeld,
@@ -48,7 +51,7 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
-__all__ = ["CheckInputd", "NormalizeModalityd", "RandForegroundSlicesd", "RandFlipLeftRightd", "CT_ABDOMEN_WINDOW"]
+__all__ = ["CheckInputd", "NormalizeModalityd", "RandForegroundSlicesd", "RandFlipLeftRightd", "RandLabelIntensityScaled", "CT_ABDOMEN_WINDOW"]
 
 #: Abdominal soft-tissue window (level 40 HU, width 400 HU).
 CT_ABDOMEN_WINDOW = (-160.0, 240.0)
@@ -232,6 +235,74 @@ class RandFlipLeftRightd(Randomizable, MapTransform):
             d[key] = self.flip(d[key])
             if key in self.label_keys:
                 d[key] = self._swap(d[key])
+        return d
+
+
+class RandLabelIntensityScaled(Randomizable, MapTransform):
+    """Multiply the intensity of each labelled structure by its own random factor.
+
+    Disease changes one organ's signal and not its neighbours' (e.g. iron overload darkens liver and spleen on
+    T2 while the kidneys stay bright), which no whole-image intensity transform can imitate. This is a light form
+    of the per-label intensity randomisation of SynthSeg (Billot et al., Medical Image Analysis 2023), applied to
+    real images: with probability ``prob`` every foreground label gets a factor drawn log-uniformly from
+    ``factors``; label masks are Gaussian-smoothed (``sigma`` pixels) so that no artificial step marks the
+    boundary. MONAI's intensity transforms all act on the whole image, hence this class.
+
+    Args:
+        keys: image keys to scale.
+        label_key: the label map (same spatial shape as the images, one channel).
+        prob: probability of scaling a sample.
+        factors: (min, max) factor, sampled log-uniformly.
+        sigma: Gaussian smoothing of the masks, in pixels (0: sharp masks).
+        allow_missing_keys: don't raise if a key is missing.
+
+    Example:
+        >>> t = RandLabelIntensityScaled("image", prob=1.0, factors=(0.5, 0.5), sigma=0.0)
+        >>> out = t({"image": torch.ones(1, 2, 2), "label": torch.tensor([[[0, 1], [2, 0]]])})
+        >>> out["image"].flatten().tolist()
+        [1.0, 0.5, 0.5, 1.0]
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str = "label",
+        prob: float = 0.3,
+        factors: Sequence[float] = (0.25, 1.5),
+        sigma: float = 1.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if not 0 < factors[0] <= factors[1]:
+            raise ValueError(f"factors must satisfy 0 < min <= max, got {tuple(factors)}")
+        self.label_key = label_key
+        self.prob = float(prob)
+        self.log_range = (float(np.log(factors[0])), float(np.log(factors[1])))
+        self.smooth = GaussianSmooth(sigma) if sigma > 0 else None
+        self._do = False
+
+    def randomize(self, data=None) -> None:
+        self._do = self.R.rand() < self.prob
+
+    def _field(self, label: torch.Tensor) -> torch.Tensor:
+        field = torch.ones_like(label, dtype=torch.float32)
+        for value in torch.unique(label).tolist():
+            if value == 0:
+                continue
+            mask = (label == value).float()
+            if self.smooth is not None:
+                mask = torch.as_tensor(self.smooth(mask))
+            field = field + (float(np.exp(self.R.uniform(*self.log_range))) - 1.0) * mask
+        return field
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize()
+        if not self._do:
+            return d
+        field = self._field(torch.as_tensor(d[self.label_key]))
+        for key in self.key_iterator(d):
+            d[key] = d[key] * field.to(device=d[key].device)
         return d
 
 

@@ -1,4 +1,5 @@
-"""Transforms: normalisation vs numpy, foreground slice sampling, left-right flip with label swap, full chain."""
+"""Transforms: normalisation vs numpy, foreground slice sampling, left-right flip with label swap, per-organ
+intensity factors, full chain."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
 from scse_monai.data import prepare_chaos, synthesize
-from scse_monai.transforms import NormalizeModalityd, RandFlipLeftRightd, RandForegroundSlicesd
+from scse_monai.transforms import NormalizeModalityd, RandFlipLeftRightd, RandForegroundSlicesd, RandLabelIntensityScaled
 
 
 def test_ct_window():
@@ -82,6 +83,29 @@ def test_flip_swaps_left_right_labels():
     np.testing.assert_array_equal(np.asarray(out["label"]), expected)
     same = RandFlipLeftRightd(["image", "label"], prob=0.0)({"image": image, "label": label})
     assert torch.equal(torch.as_tensor(same["label"]), label)
+
+
+
+def test_label_intensity_scales_each_organ_by_its_own_factor():
+    label = torch.zeros(1, 40, 40, dtype=torch.long)
+    label[0, 2:18, 2:18], label[0, 22:38, 22:38] = 1, 4
+    image = torch.rand(1, 40, 40) + 0.5
+    t = RandLabelIntensityScaled("image", prob=1.0, factors=(0.25, 1.5), sigma=0.0)
+    t.set_random_state(3)
+    ratio = (t({"image": image, "label": label})["image"] / image)[0]
+    liver, spleen = ratio[2:18, 2:18], ratio[22:38, 22:38]
+    assert torch.allclose(liver, liver[0, 0]) and torch.allclose(spleen, spleen[0, 0])  # one factor per organ
+    assert 0.25 <= liver[0, 0] <= 1.5 and 0.25 <= spleen[0, 0] <= 1.5
+    assert not torch.isclose(liver[0, 0], spleen[0, 0])
+    assert torch.all(ratio[label[0] == 0] == 1)  # background untouched
+    # smoothed masks: no step at the organ boundary, the factor fades over a few pixels
+    smooth = RandLabelIntensityScaled("image", prob=1.0, factors=(0.25, 0.25), sigma=2.0)
+    edge = (smooth({"image": torch.ones(1, 40, 40), "label": label})["image"])[0, 10, 14:22]
+    assert torch.all(edge[1:] >= edge[:-1]) and 0.25 < edge[3] < 1  # rises smoothly from inside to outside
+    # prob 0 leaves the sample as it is; bad factors are refused
+    assert torch.equal(RandLabelIntensityScaled("image", prob=0.0)({"image": image, "label": label})["image"], image)
+    with pytest.raises(ValueError, match="factors"):
+        RandLabelIntensityScaled("image", factors=(0.0, 1.0))
 
 
 def test_chain_on_prepared_phantom(tmp_path):
