@@ -51,7 +51,14 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
-__all__ = ["CheckInputd", "NormalizeModalityd", "RandForegroundSlicesd", "RandFlipLeftRightd", "RandLabelIntensityScaled", "CT_ABDOMEN_WINDOW"]
+__all__ = [
+    "CheckInputd",
+    "NormalizeModalityd",
+    "RandForegroundSlicesd",
+    "RandFlipLeftRightd",
+    "RandLabelIntensityScaled",
+    "CT_ABDOMEN_WINDOW",
+]
 
 #: Abdominal soft-tissue window (level 40 HU, width 400 HU).
 CT_ABDOMEN_WINDOW = (-160.0, 240.0)

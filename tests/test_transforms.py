@@ -11,7 +11,12 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
 from scse_monai.data import prepare_chaos, synthesize
-from scse_monai.transforms import NormalizeModalityd, RandFlipLeftRightd, RandForegroundSlicesd, RandLabelIntensityScaled
+from scse_monai.transforms import (
+    NormalizeModalityd,
+    RandFlipLeftRightd,
+    RandForegroundSlicesd,
+    RandLabelIntensityScaled,
+)
 
 
 def test_ct_window():
@@ -83,7 +88,6 @@ def test_flip_swaps_left_right_labels():
     np.testing.assert_array_equal(np.asarray(out["label"]), expected)
     same = RandFlipLeftRightd(["image", "label"], prob=0.0)({"image": image, "label": label})
     assert torch.equal(torch.as_tensor(same["label"]), label)
-
 
 
 def test_label_intensity_scales_each_organ_by_its_own_factor():
