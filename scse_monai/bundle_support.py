@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from scse_monai.errors import InputError, under_bundle_cli
 
 __all__ = [
     "DATALIST_NAMES",
@@ -37,17 +38,16 @@ DATALIST_NAMES = ("datalist.json", "dataset.json")
 _SUFFIX = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd)$", re.IGNORECASE)
 
 
-def _fail(message: str) -> None:
-    """Raise ``FileNotFoundError(message)``; under ``python -m monai.bundle`` end the program with that one line.
+def _fail(message: str, error: type[Exception] = FileNotFoundError) -> None:
+    """Raise ``error(message)``; under ``python -m monai.bundle`` end the program with that one line.
 
     MONAI wraps an error raised inside a config expression in a ``RuntimeError`` with two tracebacks. A user of
     the command line gets ``error: <message>`` and exit code 1 instead; library callers (ConfigWorkflow, MONAI
     Label) get the exception.
     """
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and spec.name in ("monai.bundle.__main__", "monai.bundle"):
+    if under_bundle_cli():
         raise SystemExit(f"error: {message}")
-    raise FileNotFoundError(message)
+    raise error(message)
 
 
 def resolve_datalist(dataset_dir: str, synthetic_if_missing: bool = False) -> str:
@@ -128,7 +128,7 @@ def partition(
     Args:
         datalist_file: ``datalist.json`` written by ``scse_monai.data prepare``, or a decathlon ``dataset.json``.
         part: ``"train"`` (folds not in ``val_folds``), ``"val"`` (folds in ``val_folds``) or ``"all"``.
-        val_folds: folds held out for validation.
+        val_folds: folds held out for validation; none (``[]``) trains on every patient, and ``"val"`` is empty.
         folds: only for a datalist without ``fold`` keys: the number of folds of the seeded patient-level split
             (at most the number of patients; the case name stands for the patient when there is no ``patient``).
         seed: only for a datalist without ``fold`` keys: the split's seed.
@@ -137,7 +137,8 @@ def partition(
         ``[{"image": ..., "label": ..., "patient": ..., "fold": ...}, ...]``.
 
     Raises:
-        ValueError: unknown ``part``, or the requested part is empty (e.g. only one fold).
+        ValueError: unknown ``part``, or the requested part is empty (e.g. only one fold) although ``val_folds``
+            names folds.
 
     Example::
 
@@ -165,7 +166,7 @@ def partition(
                 if key in item:
                     item[key] = str(base / item[key])
             items.append(item)
-    if not items:
+    if not items and not (part == "val" and not held_out):  # no val_folds: train on every patient
         raise ValueError(
             f"datalist {datalist_file}: no cases for part={part!r} with val_folds={sorted(held_out)} "
             f"(folds present: {sorted({int(e.get('fold', 0)) for e in entries})})"
@@ -227,7 +228,8 @@ def class_voxel_counts(datalist_file: str, num_classes: int | None = None) -> di
 
 
 def check_inference_input(dataset_dir: str) -> None:
-    """Fail in one line when ``dataset_dir`` holds nothing :func:`inference_data` can segment.
+    """Fail in one line when ``dataset_dir`` holds nothing :func:`inference_data` can segment, or a volume that
+    cannot be read in full (``InputError``), before anything is written.
 
     ``inference.json`` runs this first in ``run`` (not while the workflow is created), so that creating the
     workflow and ``check_properties()`` work without data, as model-zoo's CI and MONAI Label do them.
@@ -238,9 +240,38 @@ def check_inference_input(dataset_dir: str) -> None:
             "volumes) or --dataset_dir FILE.nii.gz"
         )
     try:
-        inference_data(dataset_dir)
+        items = inference_data(dataset_dir)
     except FileNotFoundError as e:
         _fail(str(e))
+    for item in items:
+        reason = _unreadable(Path(item["image"]))
+        if reason:
+            _fail(f"image {item['image']} cannot be read: {reason}", InputError)
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` is not a complete NIfTI volume, or ``None``.
+
+    A truncated ``.nii.gz`` fails only at its end, in the data loader and without its name, so its whole stream is
+    decompressed once here (no array is built).
+    """
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    try:
+        header = nib.load(str(path)).header
+        size = path.stat().st_size
+        if path.name.endswith(".gz"):
+            size = 0
+            with gzip.open(path) as f:
+                while chunk := f.read(1 << 24):
+                    size += len(chunk)
+    except Exception as e:  # whatever nibabel or gzip says about the user's file is the reason
+        return f"{type(e).__name__}: {e}"
+    needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    return None if size >= needed else f"it ends after {size} of {needed} bytes (truncated)"
 
 
 def inference_data(dataset_dir: str) -> list[dict]:

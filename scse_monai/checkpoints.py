@@ -196,14 +196,32 @@ class _BestCheckpoint(Checkpoint):
         if best is not None and not score > best:
             return
         check_finite_weights(self.to_save, f"saving {self.path} (epoch {engine.state.epoch})")
-        if idist.get_rank() == 0 and best is None and self.path.exists():
-            backup = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-            os.replace(self.path, backup)
-            _logger.warning(f"kept the existing {self.path} as {backup}")
+        if best is None:
+            _keep_existing(self.path)
         super().__call__(engine)
         if idist.get_rank() == 0:
             record = {"key_metric_name": engine.state.key_metric_name, "score": score, "epoch": engine.state.epoch}
             write_text_atomic(self.sidecar, json.dumps(record))
+
+
+def _keep_existing(path: Path) -> None:
+    """Moves a file this run did not write to ``<name>.<time>.bak`` (rank 0), so nothing is overwritten silently."""
+    if idist.get_rank() == 0 and path.exists():
+        backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+        os.replace(path, backup)
+        _logger.warning(f"kept the existing {path} as {backup}")
+
+
+class _FinalCheckpoint(Checkpoint):
+    # the weights at the end of training, for a run without validation (nothing else chooses a model)
+    def __init__(self, path: Path, to_save: dict) -> None:
+        super().__init__(to_save, DiskSaver(path.parent, atomic=True, require_empty=False), filename_pattern=path.name)
+        self.path = path
+
+    def __call__(self, engine: Engine) -> None:
+        check_finite_weights(self.to_save, f"saving {self.path} (end of training, epoch {engine.state.epoch})")
+        _keep_existing(self.path)
+        super().__call__(engine)
 
 
 class AtomicCheckpointSaver:
@@ -223,6 +241,8 @@ class AtomicCheckpointSaver:
             kept in ``<key_metric_filename>.json`` so that a resumed run does not replace a better model; an
             existing file without that record is moved to ``<name>.<time>.bak`` first.
         key_metric_filename: file name of the best-metric checkpoint.
+        final_filename: also save the model under this name when training completes (e.g. ``model.pt`` when no
+            validation set chooses one); an existing file is moved to ``<name>.<time>.bak`` first.
         save_engine_as: also save the state of the engine this handler is attached to under this key (e.g.
             ``"trainer"``); a config cannot reference the trainer from its own handler list without a cycle.
 
@@ -242,6 +262,7 @@ class AtomicCheckpointSaver:
         save_key_metric: bool = False,
         key_metric_filename: str = "model.pt",
         save_engine_as: str | None = None,
+        final_filename: str | None = None,
     ) -> None:
         if not save_dict:
             raise ValueError("save_dict must name at least one object to save.")
@@ -255,6 +276,7 @@ class AtomicCheckpointSaver:
         self.save_key_metric = save_key_metric
         self.key_metric_filename = key_metric_filename
         self.save_engine_as = save_engine_as
+        self.final_filename = final_filename
 
     def attach(self, engine: Engine) -> None:
         Path(self.save_dir).mkdir(parents=True, exist_ok=True)
@@ -267,6 +289,10 @@ class AtomicCheckpointSaver:
         if self.save_key_metric:
             best = _BestCheckpoint(Path(self.save_dir) / self.key_metric_filename, to_save)
             engine.add_event_handler(Events.EPOCH_COMPLETED, best)
+        if self.final_filename:
+            engine.add_event_handler(
+                Events.COMPLETED, _FinalCheckpoint(Path(self.save_dir) / self.final_filename, to_save)
+            )
 
 
 class ResumeFromLatestCheckpoint(CheckpointLoader):

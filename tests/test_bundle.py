@@ -142,6 +142,20 @@ def test_train_evaluate_infer_export(tmp_path: Path, dataset: Path) -> None:
         torch.testing.assert_close(scripted(x), net(x))
 
 
+def test_training_on_every_patient_saves_the_final_weights_as_model_pt(tmp_path: Path, dataset: Path) -> None:
+    ov = _overrides(tmp_path, dataset, val_folds=[], epochs=2)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.pt").write_bytes(b"the user's own file")
+    wf = _run(["train.json"], "train", **ov)
+    assert len(wf.parser.get_parsed_content("train#dataset")) == 4  # every case trains, none validates
+    state = torch.load(models / "model.pt", weights_only=True)
+    final = torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)["model"]
+    assert state.keys() == final.keys() and all(torch.equal(state[k], final[k]) for k in state)
+    assert not (models / "model.pt.json").exists()  # no validation metric chose it
+    assert [p.read_bytes() for p in models.glob("model.pt.*.bak")] == [b"the user's own file"]
+
+
 def test_check_properties_train_and_infer(tmp_path: Path, dataset: Path) -> None:
     train = ConfigWorkflow(config_file=str(CFG / "train.json"), workflow_type="train", **_overrides(tmp_path, dataset))
     train.initialize()

@@ -47,6 +47,10 @@ def test_a_plain_decathlon_datalist_is_split_by_a_seeded_patient_level_fold(tmp_
     three = partition(str(datalist), "all", [0], folds=3, seed=1)
     assert sorted(i["fold"] for i in three) == [0, 0, 1, 1, 2]
     assert class_names(str(datalist)) == ["liver", "spleen"]
+    # no validation folds: every patient trains, validation is empty; a val fold that holds nobody is an error
+    assert len(partition(str(datalist), "train", [])) == 5 and partition(str(datalist), "val", []) == []
+    with pytest.raises(ValueError, match="no cases for part='val'"):
+        partition(str(datalist), "val", [7])
 
 
 def test_class_voxel_counts_are_counted_when_the_datalist_has_none(tmp_path: Path) -> None:
