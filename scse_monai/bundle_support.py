@@ -261,7 +261,7 @@ def _unreadable(path: Path) -> str | None:
     import numpy as np
 
     try:
-        header = nib.load(str(path)).header
+        image = nib.load(str(path))
         size = path.stat().st_size
         if path.name.endswith(".gz"):
             size = 0
@@ -270,7 +270,8 @@ def _unreadable(path: Path) -> str | None:
                     size += len(chunk)
     except Exception as e:  # whatever nibabel or gzip says about the user's file is the reason
         return f"{type(e).__name__}: {e}"
-    needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    shape, dtype = image.dataobj.shape, image.get_data_dtype()  # the file's own offset: the header copy says 0
+    needed = int(image.dataobj.offset) + int(np.prod(shape)) * dtype.itemsize
     return None if size >= needed else f"it ends after {size} of {needed} bytes (truncated)"
 
 

@@ -9,6 +9,7 @@
 - :class:`PerCaseMetricsSaver` writes per-case, per-class Dice and Jaccard, a summary and a Dice box plot.
 - :class:`TrainingCurvePlotter` saves loss and validation-metric curves (PNG + CSV) during and after training.
 - :class:`StopOnNonFiniteLoss` stops training at the first NaN / inf loss, naming the epoch and iteration.
+- :class:`ExitOnInputError` ends ``python -m monai.bundle`` with one line when bad input stopped the engine.
 
 MONAI's ``StatsHandler``, ``TensorBoardStatsHandler``, ``MLFlowHandler``, ``CheckpointSaver`` and
 ``MetricsSaver`` are meant to be used alongside; only what they lack is written here (see each class).
@@ -44,9 +45,11 @@ from monai.handlers import IgniteMetricHandler
 from monai.handlers.utils import from_engine
 
 from scse_monai.atomic import write_bytes_atomic
+from scse_monai.errors import input_error_in, under_bundle_cli
 from scse_monai.metrics import SegmentationCountsMetric, case_name_from_meta
 
 __all__ = [
+    "ExitOnInputError",
     "GlobalDice",
     "GlobalJaccard",
     "GlobalOverlap",
@@ -457,6 +460,31 @@ class StopOnNonFiniteLoss:
                 f"({of_epoch} of the epoch); training stopped, no checkpoint or model was saved from these weights. "
                 "Check the inputs for NaN/inf voxels and the learning rate."
             )
+
+
+class ExitOnInputError:
+    """Under ``python -m monai.bundle``, ends the run with ``error: <message>`` (exit code 1) when an
+    :class:`~scse_monai.errors.InputError` (a NaN voxel, a wrong shape; raised by
+    :class:`~scse_monai.transforms.CheckInputd`) stopped the engine. Any other exception, and any exception in a
+    library caller, is raised as it came, traceback and all.
+
+    List it before ``StatsHandler``: ignite calls ``EXCEPTION_RAISED`` handlers in order, and ``StatsHandler``
+    logs the traceback before it re-raises.
+
+    Example bundle config::
+
+        "handlers": [{"_target_": "scse_monai.handlers.ExitOnInputError"}, {"_target_": "StatsHandler"}]
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+
+    def __call__(self, engine: Engine, e: BaseException) -> None:
+        error = input_error_in(e)
+        if error is not None and under_bundle_cli():
+            # the user's input is at fault, not the code: the message names the file, a traceback would bury it
+            raise SystemExit(f"error: {error}") from None
+        raise e
 
 
 class TrainingCurvePlotter:

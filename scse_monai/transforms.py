@@ -51,6 +51,8 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
+from scse_monai.errors import InputError
+
 __all__ = [
     "CheckInputd",
     "NormalizeModalityd",
@@ -314,7 +316,7 @@ class RandLabelIntensityScaled(Randomizable, MapTransform):
 
 
 class CheckInputd(MapTransform):
-    """Refuse an input image that the network cannot segment, with a ``ValueError`` naming the file.
+    """Refuse an input image that the network cannot segment, with an ``InputError`` naming the file.
 
     NaN or inf voxels pass MONAI's percentile normalisation and the network and come out as an all-background
     label map, without a warning; a 2D image or one with a different number of channels fails deep inside the
@@ -330,7 +332,7 @@ class CheckInputd(MapTransform):
         >>> CheckInputd(keys="image", channels=1)({"image": torch.tensor([[[[float("nan")]]]])})
         Traceback (most recent call last):
         ...
-        ValueError: image: 1 of 1 voxels are not finite (NaN/inf); inference refuses non-finite input
+        scse_monai.errors.InputError: image: 1 of 1 voxels are not finite (NaN/inf); inference refuses non-finite input
     """
 
     def __init__(
@@ -355,14 +357,14 @@ class CheckInputd(MapTransform):
         name = f"{key} {meta['filename_or_obj']}" if meta.get("filename_or_obj") else str(key)
         shape = tuple(image.shape)
         if self.spatial_dims is not None and len(shape) - 1 != self.spatial_dims:
-            raise ValueError(f"{name}: expected a {self.spatial_dims}D image with channels first, got shape {shape}")
+            raise InputError(f"{name}: expected a {self.spatial_dims}D image with channels first, got shape {shape}")
         if self.channels is not None and shape[0] != self.channels:
-            raise ValueError(f"{name}: expected {self.channels} channel(s), got {shape[0]} (shape {shape})")
+            raise InputError(f"{name}: expected {self.channels} channel(s), got {shape[0]} (shape {shape})")
         values = torch.as_tensor(image)
         if values.is_floating_point():
             bad = int((~torch.isfinite(values)).sum())
             if bad:
-                raise ValueError(
+                raise InputError(
                     f"{name}: {bad} of {values.numel()} voxels are not finite (NaN/inf); inference refuses "
                     "non-finite input"
                 )
