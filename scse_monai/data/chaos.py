@@ -26,18 +26,15 @@ import numpy as np
 from PIL import Image
 
 from .datalist import (
-    atomic_replace_all,
     check_case_names,
     check_folds,
     check_out_dir,
     clean_stale_tmp,
     count_classes,
     finite_or_replace,
-    output_stamp,
     owned_outputs_check,
     prepare_out_dir,
-    save_nifti_atomic,
-    tmp_path_for,
+    write_case,
     write_datalist,
 )
 from .dicom_series import DicomVolume, read_dicom_series
@@ -195,42 +192,40 @@ def _prepare_patient(
             return item, info["counts"], True
 
     vols = [read_dicom_series(_files(s), patient=pid) for s in series]
-    if len(vols) == 2:  # T1-DUAL: masks carry the names of one echo; the other must share the geometry
-        a, b = vols
-        if a.array.shape != b.array.shape or not np.allclose(a.affine, b.affine, atol=1e-3):
-            raise DataPreparationError("in-phase and opposed-phase series differ in geometry", pid, series[1])
-        mask_names = {p.stem for p in _files(ground)}
-        ref = b if {f.stem for f in b.files} == mask_names and {f.stem for f in a.files} != mask_names else a
-        mask_files = _pair_masks(task, ref, ground, pid)
-        image = np.stack([a.array, b.array], axis=-1)  # channel 0 in-phase, 1 opposed-phase
-        affine = a.affine
-    else:
-        mask_files = _pair_masks(task, vols[0], ground, pid)
-        image, affine = vols[0].array, vols[0].affine
-    rows, cols = vols[0].rows, vols[0].columns
+    image, affine, mask_files = _image_and_masks(task, vols, series, ground, pid)
+    label = _label_from_masks(task, mask_files, (vols[0].rows, vols[0].columns), pid)
+    image, replaced = finite_or_replace(image, replace_nonfinite, pid, series[0])
+    counts = count_classes(label, len(task.labels))
+    info = {"task": task_name, "inputs": signature, "counts": counts}
+    info.update(replace_nonfinite=replace_nonfinite, nonfinite_replaced=replaced)
+    write_case((img_path, lab_path, side), image, label, affine, info)
+    return item, counts, False
+
+
+def _image_and_masks(
+    task: _Task, vols: list[DicomVolume], series: list[Path], ground: Path, pid: str
+) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """The image (T1-DUAL: channel 0 in-phase, 1 opposed-phase), its affine and the mask file of each slice."""
+    if len(vols) == 1:
+        return vols[0].array, vols[0].affine, _pair_masks(task, vols[0], ground, pid)
+    # T1-DUAL: masks carry the names of one echo; the other must share the geometry
+    a, b = vols
+    if a.array.shape != b.array.shape or not np.allclose(a.affine, b.affine, atol=1e-3):
+        raise DataPreparationError("in-phase and opposed-phase series differ in geometry", pid, series[1])
+    mask_names = {p.stem for p in _files(ground)}
+    ref = b if {f.stem for f in b.files} == mask_names and {f.stem for f in a.files} != mask_names else a
+    return np.stack([a.array, b.array], axis=-1), a.affine, _pair_masks(task, ref, ground, pid)
+
+
+def _label_from_masks(task: _Task, mask_files: list[Path], rows_cols: tuple[int, int], pid: str) -> np.ndarray:
+    """The label map of the slices' PNG masks (each ``rows x columns`` of the DICOM slices)."""
     slices = []
     for f in mask_files:
         m = _read_png(f, pid)
-        if m.shape != (rows, cols):
-            raise DataPreparationError(f"mask shape {m.shape} differs from DICOM Rows x Columns {(rows, cols)}", pid, f)
+        if m.shape != rows_cols:
+            raise DataPreparationError(f"mask shape {m.shape} differs from DICOM Rows x Columns {rows_cols}", pid, f)
         slices.append(gray_to_class(m, task.gray, pid, f).T)
-    label = np.stack(slices, axis=-1).astype(np.uint8)
-    image, replaced = finite_or_replace(image, replace_nonfinite, pid, series[0])
-
-    tmps = []
-    try:
-        tmps.append((save_nifti_atomic(image, affine, img_path), img_path))
-        tmps.append((save_nifti_atomic(label, affine, lab_path), lab_path))
-        counts = count_classes(label, len(task.labels))
-        info = {"task": task_name, "inputs": signature, "counts": counts, "outputs": output_stamp(tmps)}
-        info.update(replace_nonfinite=replace_nonfinite, nonfinite_replaced=replaced)
-        tmps.append((tmp_path_for(side), side))
-        tmps[-1][0].write_text(json.dumps(info))
-        atomic_replace_all(tmps)
-    finally:
-        for tmp, _ in tmps:
-            tmp.unlink(missing_ok=True)
-    return item, counts, False
+    return np.stack(slices, axis=-1).astype(np.uint8)
 
 
 def _resolve_root(root: Path, folder: str) -> Path:

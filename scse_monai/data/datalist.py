@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "prepare_out_dir",
     "save_nifti_atomic",
     "tmp_path_for",
+    "write_case",
     "write_datalist",
 ]
 
@@ -278,6 +280,38 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> Path
         tmp.unlink(missing_ok=True)  # a full disk leaves no partial temporary file behind
         raise
     return tmp
+
+
+def write_case(
+    paths: tuple[Path, Path, Path],
+    image: np.ndarray,
+    label: np.ndarray,
+    affine: np.ndarray,
+    info: dict,
+    copy_image_from: Path | None = None,
+) -> None:
+    """Writes one prepared case all-or-nothing: image, label map and the side file ``info`` (plus the outputs' stamp).
+
+    Args:
+        paths: ``(image path, label path, side file)``.
+        copy_image_from: an input file to copy byte for byte as the image, instead of writing ``image``.
+    """
+    img_path, lab_path, side = paths
+    tmps = []
+    try:
+        if copy_image_from is not None:
+            tmps.append((tmp_path_for(img_path), img_path))
+            shutil.copyfile(copy_image_from, tmps[-1][0])
+        else:
+            tmps.append((save_nifti_atomic(image, affine, img_path), img_path))
+        tmps.append((save_nifti_atomic(label, affine, lab_path), lab_path))
+        info = {**info, "outputs": output_stamp(tmps)}
+        tmps.append((tmp_path_for(side), side))
+        tmps[-1][0].write_text(json.dumps(info))
+        atomic_replace_all(tmps)
+    finally:
+        for tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_replace_all(pairs: Iterable[tuple[Path, Path]]) -> None:

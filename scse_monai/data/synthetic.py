@@ -205,20 +205,7 @@ def make_phantom(rng: np.random.Generator, size: int = 128, slices: int = 30, fo
         return amp * (w[0] * fields[0] + w[1] * fields[1] + w[2] * fields[2]) / np.sqrt(3)
 
     body_f = (X / a) ** 2 + (Y / b) ** 2 + deform(0.04)
-    names = ["air", "body", "fat", "muscle"]
-    tissue = np.zeros(X.shape, np.int16)
-    tissue[body_f < 1.0] = names.index("fat")
-    inner = body_f < rng.uniform(0.78, 0.88) ** 2
-    tissue[inner] = names.index("muscle")
-    cavity = body_f < rng.uniform(0.70, 0.76) ** 2
-    tissue[cavity] = names.index("body")
-    # bowel loops with some gas, and mesenteric fat, filling the cavity between the organs
-    names += ["bowel", "gas"]
-    loops = _smooth_noise(rng, X.shape, size / 18)
-    tissue[(loops > 0.2) & cavity] = names.index("bowel")
-    tissue[(loops > 2.0) & cavity] = names.index("gas")
-    fat_blobs = (_smooth_noise(rng, X.shape, size / 14) > 1.7) & cavity
-    tissue[fat_blobs] = names.index("fat")
+    tissue, names, cavity = _body_wall(rng, body_f, size)
 
     grow = rng.uniform(0.85, 1.15)
     for name, kind, (u, v, w), (rx, ry, rz) in _TISSUES:
@@ -239,15 +226,39 @@ def make_phantom(rng: np.random.Generator, size: int = 128, slices: int = 30, fo
     names.append("first lumbar vertebra")
     bone = tissue == names.index("bone")
     tissue[bone & (np.abs(Z - l1_z) < 15)] = names.index("first lumbar vertebra")
+    sub = _organ_texture(rng, tissue, names, size)
+    origin = np.array([x[0], y[0], z[0]])
+    return Phantom(tissue=tissue, names=names, spacing=(dxy, dxy, dz), origin=origin, rng=rng, sub=sub)
 
-    sub = np.zeros(X.shape, np.uint8)
-    vessels = np.abs(_smooth_noise(rng, X.shape, size / 10)) < 0.07
+
+def _body_wall(rng: np.random.Generator, body_f: np.ndarray, size: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Tissue map of the body without organs: subcutaneous fat, muscle wall, and a cavity of bowel loops (some gas)
+    and mesenteric fat; ``body_f < 1`` is the body. Returns (tissue, names, cavity mask)."""
+    names = ["air", "body", "fat", "muscle"]
+    tissue = np.zeros(body_f.shape, np.int16)
+    tissue[body_f < 1.0] = names.index("fat")
+    inner = body_f < rng.uniform(0.78, 0.88) ** 2
+    tissue[inner] = names.index("muscle")
+    cavity = body_f < rng.uniform(0.70, 0.76) ** 2
+    tissue[cavity] = names.index("body")
+    names += ["bowel", "gas"]
+    loops = _smooth_noise(rng, body_f.shape, size / 18)
+    tissue[(loops > 0.2) & cavity] = names.index("bowel")
+    tissue[(loops > 2.0) & cavity] = names.index("gas")
+    fat_blobs = (_smooth_noise(rng, body_f.shape, size / 14) > 1.7) & cavity
+    tissue[fat_blobs] = names.index("fat")
+    return tissue, names, cavity
+
+
+def _organ_texture(rng: np.random.Generator, tissue: np.ndarray, names: list[str], size: int) -> np.ndarray:
+    """:attr:`Phantom.sub`: 1 = vessels in the liver, 2 = renal medulla (inside the kidneys' rim)."""
+    sub = np.zeros(tissue.shape, np.uint8)
+    vessels = np.abs(_smooth_noise(rng, tissue.shape, size / 10)) < 0.07
     sub[vessels & (tissue == names.index("liver"))] = 1
     kidneys = np.isin(tissue, [names.index("right kidney"), names.index("left kidney")])
     inner = ndimage.binary_erosion(kidneys, np.ones((5, 5, 1), bool))
-    sub[inner & (_smooth_noise(rng, X.shape, size / 30) > -0.2)] = 2
-    origin = np.array([x[0], y[0], z[0]])
-    return Phantom(tissue=tissue, names=names, spacing=(dxy, dxy, dz), origin=origin, rng=rng, sub=sub)
+    sub[inner & (_smooth_noise(rng, tissue.shape, size / 30) > -0.2)] = 2
+    return sub
 
 
 def write_dicom_series(
@@ -300,59 +311,71 @@ def write_dicom_series(
     row_dir, col_dir = np.asarray(row_dir, float), np.asarray(col_dir, float)
     normal = np.cross(row_dir, col_dir)
     step = np.asarray(slice_step, float)
+    intercept = None
+    if modality == "CT":
+        intercept = -1024.0 if rescale_intercept is None else rescale_intercept
     key = f"{patient_id}/{series_description}/{series_number}/{seed}"
-    study_uid = generate_uid(entropy_srcs=[key, "study"])
-    series_uid = generate_uid(entropy_srcs=[key, "series"])
-    frame_uid = generate_uid(entropy_srcs=[key, "frame"])
-    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
+    series = {
+        "SOPClassUID": CTImageStorage if modality == "CT" else MRImageStorage,
+        "Modality": modality,
+        "SeriesDescription": series_description,
+        "PatientName": "Synthetic^Phantom",
+        "PatientID": patient_id,
+        "StudyInstanceUID": generate_uid(entropy_srcs=[key, "study"]),
+        "SeriesInstanceUID": generate_uid(entropy_srcs=[key, "series"]),
+        "FrameOfReferenceUID": generate_uid(entropy_srcs=[key, "frame"]),
+        "SeriesNumber": series_number,
+        "ImageOrientationPatient": [f"{v:.6f}" for v in (*row_dir, *col_dir)],
+        "SliceThickness": f"{float(np.linalg.norm(step)):.4f}",
+        "PixelSpacing": [f"{pixel_spacing[0]:.6f}", f"{pixel_spacing[1]:.6f}"],
+        **_pixel_format(intercept),
+    }
     paths = []
     for k, name in enumerate(file_names):
         pos = np.asarray(origin, float) + k * step
         sl = volume[:, :, k].T
-        if modality == "CT":
-            intercept = -1024.0 if rescale_intercept is None else rescale_intercept
-            pix = np.clip(np.round(sl - intercept), 0, 65535).astype(np.uint16)
-        else:
-            pix = np.clip(np.round(sl), 0, 65535).astype(np.uint16)
-        sop_uid = generate_uid(entropy_srcs=[key, name])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = sop_uid
-        ds.Modality = modality
-        ds.SeriesDescription = series_description
-        ds.PatientName = "Synthetic^Phantom"
-        ds.PatientID = patient_id
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.SeriesNumber = series_number
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
-        ds.SliceLocation = f"{float(pos @ normal):.4f}"
-        ds.SliceThickness = f"{float(np.linalg.norm(step)):.4f}"
-        ds.PixelSpacing = [f"{pixel_spacing[0]:.6f}", f"{pixel_spacing[1]:.6f}"]
-        ds.Rows, ds.Columns = pix.shape
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        if modality == "CT":
-            ds.RescaleIntercept = f"{intercept:.1f}"
-            ds.RescaleSlope = "1"
-            ds.RescaleType = "HU"
-        ds.PixelData = pix.tobytes()
+        pix = np.clip(np.round(sl if intercept is None else sl - intercept), 0, 65535).astype(np.uint16)
+        ds = _slice_dataset(series, generate_uid(entropy_srcs=[key, name]), k + 1, pos, normal, pix)
         path = directory / name
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def _pixel_format(intercept: float | None) -> dict:
+    """Attributes of unsigned 16-bit grey pixels; with ``intercept`` (CT), stored value = HU - intercept."""
+    attrs = {
+        "SamplesPerPixel": 1,
+        "PhotometricInterpretation": "MONOCHROME2",
+        "BitsAllocated": 16,
+        "BitsStored": 16,
+        "HighBit": 15,
+        "PixelRepresentation": 0,
+    }
+    if intercept is not None:
+        attrs.update(RescaleIntercept=f"{intercept:.1f}", RescaleSlope="1", RescaleType="HU")
+    return attrs
+
+
+def _slice_dataset(
+    series: dict, sop_uid: str, number: int, pos: np.ndarray, normal: np.ndarray, pix: np.ndarray
+) -> Dataset:
+    """One file of a series: the attributes all its files share (``series``, by keyword) and this slice's own."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = series["SOPClassUID"]
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    for keyword, value in series.items():
+        setattr(ds, keyword, value)
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = number
+    ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
+    ds.SliceLocation = f"{float(pos @ normal):.4f}"
+    ds.Rows, ds.Columns = pix.shape
+    ds.PixelData = pix.tobytes()
+    return ds
 
 
 _MR_GRAY = {"liver": 63, "right kidney": 126, "left kidney": 189, "spleen": 252}

@@ -16,25 +16,21 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from .datalist import (
-    atomic_replace_all,
     check_case_names,
     check_folds,
     check_out_dir,
     clean_stale_tmp,
     count_classes,
     finite_or_replace,
-    output_stamp,
     owned_outputs_check,
     prepare_out_dir,
-    save_nifti_atomic,
-    tmp_path_for,
+    write_case,
     write_datalist,
 )
 from .errors import DataPreparationError
@@ -148,41 +144,6 @@ def _label_from_masks(
     return label, overlaps
 
 
-def _write_case(
-    volume: Path,
-    image: np.ndarray,
-    label: np.ndarray,
-    affine: np.ndarray,
-    paths: tuple[Path, Path, Path],
-    info: dict,
-    copy_volume: bool,
-) -> None:
-    """Writes image, label and the case's side file ``info`` (plus the outputs' stamp) all-or-nothing.
-
-    ``copy_volume``: the image is the input file as distributed (a ``.nii.gz`` without replaced voxels).
-    """
-    img_path, lab_path, side = paths
-    tmps = []
-    try:
-        if copy_volume:
-            tmps.append((tmp_path_for(img_path), img_path))
-            shutil.copyfile(volume, tmps[-1][0])
-        else:
-            tmps.append((save_nifti_atomic(image, affine, img_path), img_path))
-        lab = nib.Nifti1Image(label, affine)
-        lab.set_qform(affine, code=1)
-        lab.set_sform(affine, code=1)
-        tmps.append((tmp_path_for(lab_path), lab_path))
-        nib.save(lab, tmps[-1][0])
-        info = {**info, "outputs": output_stamp(tmps)}
-        tmps.append((tmp_path_for(side), side))
-        tmps[-1][0].write_text(json.dumps(info))
-        atomic_replace_all(tmps)
-    finally:
-        for tmp, _ in tmps:
-            tmp.unlink(missing_ok=True)
-
-
 def _prepare_volume(
     volume: Path, seg_dir: Path, organs: list[str], out: Path, replace_nonfinite: bool = False
 ) -> tuple[dict, list[int], bool]:
@@ -216,8 +177,27 @@ def _prepare_volume(
     info = {"organs": organs, "inputs": signature, "overlaps": overlaps, "counts": counts}
     info.update(replace_nonfinite=replace_nonfinite, nonfinite_replaced=replaced)
     copy_volume = volume.name.endswith(".nii.gz") and not replaced  # keep the volume exactly as distributed
-    _write_case(volume, image, label, vol.affine, (img_path, lab_path, side), info, copy_volume)
+    write_case((img_path, lab_path, side), image, label, vol.affine, info, volume if copy_volume else None)
     return item, counts, False
+
+
+def _case_details(results: list[dict], progress: bool) -> tuple[list[dict], dict, dict[str, int]]:
+    """Datalist items without their per-case details, which go to a top-level ``cases`` map (training items keep
+    only collatable scalar fields), and the overlapping voxels summed over cases; ``progress`` prints both."""
+    items, cases = [], {}
+    total_overlap: dict[str, int] = {}
+    for r in results:
+        it = dict(r)
+        case = Path(it["image"]).name.split(".")[0]
+        cases[case] = {"missing": it.pop("missing"), "overlaps": it.pop("overlaps")}
+        items.append(it)
+        for k, v in cases[case]["overlaps"].items():
+            total_overlap[k] = total_overlap.get(k, 0) + v
+        if cases[case]["missing"] and progress:
+            print(f"note: {case}: no mask for {', '.join(cases[case]['missing'])}")
+    if total_overlap and progress:
+        print(f"overlaps resolved (smaller structure wins), voxels: {total_overlap}")
+    return items, cases, total_overlap
 
 
 def prepare_visceral(
@@ -275,20 +255,7 @@ def prepare_visceral(
     clean_stale_tmp(out)
     jobs = [(v, seg_dir, names, out, replace_nonfinite) for v in volumes]
     results = run_patients(_prepare_volume, jobs, workers, "prepare visceral", progress)
-    # per-case details go to a top-level "cases" map: training items keep only collatable scalar fields
-    items, cases = [], {}
-    total_overlap: dict[str, int] = {}
-    for r in results:
-        it = dict(r[0])
-        case = Path(it["image"]).name.split(".")[0]
-        cases[case] = {"missing": it.pop("missing"), "overlaps": it.pop("overlaps")}
-        items.append(it)
-        for k, v in cases[case]["overlaps"].items():
-            total_overlap[k] = total_overlap.get(k, 0) + v
-        if cases[case]["missing"] and progress:
-            print(f"note: {case}: no mask for {', '.join(cases[case]['missing'])}")
-    if total_overlap and progress:
-        print(f"overlaps resolved (smaller structure wins), voxels: {total_overlap}")
+    items, cases, total_overlap = _case_details([r[0] for r in results], progress)
     return write_datalist(
         out,
         name="VISCERAL Anatomy3",
