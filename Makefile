@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml mk/pip-install
 
 test: $(TEST_DEPS)
 	$(BIN)/python -m ruff check scse_monai tests benchmarks
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python -m scse_monai.demo

@@ -151,8 +151,8 @@ def tiny_config(epochs: int | None, budget_s: float) -> Config:
         bundle_overrides={"roi_size": [64, 64], "volumes_per_batch": 1, "slices_per_volume": 2, "val_interval": 1},
         check_batch=2,
         slices_per_iteration=2,
-        steps=2,
-        repeats=3,
+        steps=1,  # one step per timed call and two interleaved repetitions: the code path, not a measurement
+        repeats=2,
         ddp_features=4,
         metric_shape=(24, 24, 6),
         budget_s=budget_s,
@@ -564,7 +564,7 @@ def check_throughput(cfg: Config) -> dict:
     for net_name in cfg.networks:
         fn, _ = _train_step_fn(net_name, "scse", cfg, "amp")
         fn()
-        t = compare_times({net_name: fn}, repeats=3, warmup=0)[net_name]["median_s"]
+        t = compare_times({net_name: fn}, repeats=min(3, cfg.repeats), warmup=0)[net_name]["median_s"]
         iteration_s[net_name] = t / cfg.steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
