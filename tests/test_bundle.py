@@ -204,6 +204,19 @@ def test_verify_metadata_offline_and_rejects_broken_metadata(tmp_path: Path) -> 
     assert "num_channels" in res.stdout + res.stderr
 
 
+def test_monai_reads_the_declared_requirements() -> None:
+    """MONAI renames a deprecated ``optional_packages_version`` to ``required_packages_version``, replacing the list
+    (even with ``{}``): what ``read_meta`` gives, and what ``ckpt_export`` embeds in model.ts, must be the real list."""
+    meta = json.loads((CFG / "metadata.json").read_text())
+    assert "optional_packages_version" not in meta
+    parser = ConfigParser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MONAI warns when it replaces a deprecated id
+        parser.read_meta(str(CFG / "metadata.json"))
+    required = parser.get("_meta_#required_packages_version")
+    assert required == meta["required_packages_version"] and "scse-monai" in required
+
+
 def test_verify_net_in_out() -> None:
     res = _bundle_cli(
         "verify_net_in_out",

@@ -3,16 +3,19 @@
 Model-zoo's shape (Project-MONAI/model-zoo ``ci/verify_bundle.py`` and ``ci/unit_tests``), with our own code:
 
 1. ``python -m build`` makes the wheel; a new venv (no system site packages) gets torch first (the local CPU
-   wheel), then the wheel and exactly the requirements ``configs/metadata.json`` declares
-   (``monai_version``, ``pytorch_version``, ``numpy_version``, ``required_packages_version``,
-   ``optional_packages_version``, each ``==``), as model-zoo's CI installs them. pip's cache is reused.
-2. ``bundle/`` is copied alone to ``<tmp>/models/<name>/`` with its schema at ``eval/schema.json``.
-3. In that venv: the directory and changelog checks, ``verify_metadata``, the inference workflow's properties
-   (created without data, as ``verify_bundle.py -m full`` does), ``verify_net_in_out``, ``ckpt_export`` of
-   ``models/model.pt``; a one-epoch tiny training and evaluation on a plain decathlon ``dataset.json``
-   (``check_properties()`` of the train workflow first); ``python -m monai.bundle run --config_file
-   configs/inference.json --dataset_dir D --output_dir O`` from inside the bundle's folder with the shipped
-   weights; the TorchScript config without ``scse_monai``.
+   wheel), then the wheel and the requirements ``configs/metadata.json`` declares, written as model-zoo's
+   ``ci/get_bundle_requirements.py`` writes them with ``ALLOW_MONAI_RC=true`` (both premerge scripts set it):
+   ``monai>=Xrc1,<next patch``, every other package ``==``, installed with ``pip install --pre``. pip's cache is
+   reused.
+2. ``bundle/`` is copied alone to ``<tmp>/models/<name>/`` with its schema at ``eval/schema.json`` and an empty
+   ``models/model_info.json``, the layout ``verify_bundle.py -b <name>`` (default ``-p models``) expects.
+3. In that venv, from ``<tmp>`` with relative paths (``models/<name>``) and the bundle folder first on
+   ``sys.path``, as ``verify_bundle.py`` runs: the directory and changelog checks, ``verify_metadata``, the
+   inference workflow's properties (created without data; model-zoo checks them once an app's properties file is
+   present), ``verify_net_in_out``, ``ckpt_export`` of ``models/model.pt``; a one-epoch tiny training and
+   evaluation on a plain decathlon ``dataset.json`` (``check_properties()`` of the train workflow first);
+   ``python -m monai.bundle run --config_file configs/inference.json --dataset_dir D --output_dir O`` from inside
+   the bundle's folder with the shipped weights; the TorchScript config without ``scse_monai``.
 
 Minutes of work (mostly pip): marked ``modelzoo``; ``pytest -m "not modelzoo"`` skips it locally, ``make test`` runs it.
 """
@@ -47,8 +50,10 @@ def _sh(cmd: list[str], cwd: Path, timeout: int = 1800, env: dict | None = None)
 
 
 def declared_requirements(meta: dict) -> list[str]:
-    """``name==version`` for every package the metadata declares, as model-zoo's CI derives them."""
-    reqs = [f"monai=={meta['monai_version']}", f"torch=={meta['pytorch_version']}", f"numpy=={meta['numpy_version']}"]
+    """Every package the metadata declares, as model-zoo's ``get_bundle_requirements.py`` with ALLOW_MONAI_RC."""
+    major, minor, patch = (int(p) for p in meta["monai_version"].split(".")[:3])
+    monai = f"monai>={meta['monai_version']}rc1,<{major}.{minor}.{patch + 1}"
+    reqs = [monai, f"torch=={meta['pytorch_version']}", f"numpy=={meta['numpy_version']}"]
     for key in ("optional_packages_version", "required_packages_version"):
         reqs += [f"{name}=={version}" for name, version in meta.get(key, {}).items()]
     return reqs
@@ -66,7 +71,7 @@ def zoo(tmp_path_factory) -> SimpleNamespace:
     pip = ["bash", REPO / "mk" / "pip-install", py, "-q"]
     _sh([*pip, f"torch=={torch.__version__}"], cwd=work, env=env)  # the local CPU wheel, before anything else
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
-    _sh([*pip, wheel, *declared_requirements(meta)], cwd=work, env=env)
+    _sh([*pip, "--pre", wheel, *declared_requirements(meta)], cwd=work, env=env)  # --pre as model-zoo's CI
 
     models = work / "models"
     bundle = models / NAME
@@ -115,6 +120,7 @@ VERIFY = textwrap.dedent(
     from monai.bundle import ckpt_export, create_workflow, verify_metadata, verify_net_in_out
     models, name = sys.argv[1], sys.argv[2]
     b = os.path.join(models, name)
+    sys.path.insert(0, b)  # as verify_bundle.py does, for bundles with their own code
     assert "site-packages" in scse_monai.__file__, scse_monai.__file__  # the wheel, not the repository
     for f in ("LICENSE", "configs/metadata.json", "models/model.pt", "configs/inference.json"):
         assert os.path.exists(os.path.join(b, f)), f
@@ -162,7 +168,7 @@ TRAIN = textwrap.dedent(
 
 
 def test_verify_bundle_full_in_a_fresh_venv(zoo: SimpleNamespace) -> None:
-    res = _sh([zoo.py, "-c", VERIFY, zoo.work / "models", NAME], cwd=zoo.work, env=zoo.env)
+    res = _sh([zoo.py, "-c", VERIFY, "models", NAME], cwd=zoo.work, env=zoo.env)  # relative, as model-zoo's CI
     assert "verify_bundle full: ok" in res.stdout
 
 
