@@ -17,6 +17,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from scse_monai.errors import InputError, under_bundle_cli
 
@@ -38,7 +39,7 @@ DATALIST_NAMES = ("datalist.json", "dataset.json")
 _SUFFIX = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd)$", re.IGNORECASE)
 
 
-def _fail(message: str, error: type[Exception] = FileNotFoundError) -> None:
+def _fail(message: str, error: type[Exception] = FileNotFoundError) -> NoReturn:
     """Raise ``error(message)``; under ``python -m monai.bundle`` end the program with that one line.
 
     MONAI wraps an error raised inside a config expression in a ``RuntimeError`` with two tracebacks. A user of
@@ -97,9 +98,9 @@ def _load(datalist_file: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"datalist {path} does not exist") from None
+        _fail(f"datalist {path} does not exist")
     except json.JSONDecodeError as e:
-        raise ValueError(f"datalist {path} is not valid JSON: {e}") from None
+        _fail(f"datalist {path} is not valid JSON: {e}", InputError)
 
 
 def _case_name(image: str) -> str:
@@ -156,7 +157,7 @@ def partition(
         folds_of.setdefault(str(entry.get("patient")), set()).add(int(entry.get("fold", 0)))
     leaked = sorted(p for p, f in folds_of.items() if len(f) > 1)
     if leaked:
-        raise ValueError(f"datalist {datalist_file}: patients {leaked} appear in several folds")
+        _fail(f"datalist {datalist_file}: patients {leaked} appear in several folds", InputError)
     items = []
     for entry in entries:
         is_val = int(entry.get("fold", 0)) in held_out

@@ -60,6 +60,22 @@ def test_bad_input_is_one_line_naming_the_file_and_no_output(tmp_path: Path, kin
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("datalist", "message"),
+    [("{not json", "is not valid JSON"), ('{"training": [{"image": "a.nii.gz", "patient": "p", "fold": 0}, '
+     '{"image": "b.nii.gz", "patient": "p", "fold": 1}]}', "patients ['p'] appear in several folds")],
+)  # fmt: skip
+def test_bad_datalist_stops_training_in_one_line(tmp_path: Path, datalist: str, message: str) -> None:
+    (tmp_path / "datalist.json").write_text(datalist)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/train.json"]
+    cmd += ["--bundle_root", "bundle", "--dataset_dir", str(tmp_path), "--ckpt_dir", str(tmp_path / "models")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and len(errors) == 1 and message in errors[0], res.stderr[-3000:]
+    assert str(tmp_path / "datalist.json") in errors[0] and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "models").exists()
+
+
 def test_a_real_bug_keeps_its_traceback(tmp_path: Path) -> None:
     # weights of 32 features into a network of 4: not the input's fault, so the traceback stays
     res = _infer(_volume(tmp_path / "ok.nii.gz"), tmp_path / "out", "--features", "4")
