@@ -7,7 +7,7 @@ the original grid, largest component per organ); it is scored on the original gr
 
 Output folder layout::
 
-    OUT/settings.json, OUT/datalist.json       what a re-run must match; the folds (absolute paths)
+    OUT/settings.json, OUT/datalist.json       what a re-run must match; the folds (paths relative to OUT)
     OUT/runs/<net>_<se>/seed<s>/fold<k>/       models/, eval/{heldout.csv, pred/<case>.nii.gz}, run.log
     OUT/crossval_per_patient.csv               seed, fold, case, dice_*, hd95_*, volume_ratio_* per patient
     OUT/crossval.md, OUT/crossval_summary.csv  per organ mean ± std, median volume ratio
