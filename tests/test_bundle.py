@@ -156,6 +156,31 @@ def test_training_on_every_patient_saves_the_final_weights_as_model_pt(tmp_path:
     assert [p.read_bytes() for p in models.glob("model.pt.*.bak")] == [b"the user's own file"]
 
 
+def test_adjacent_slices_train_and_infer_with_three_input_channels(tmp_path: Path, dataset: Path) -> None:
+    ov = _overrides(tmp_path, dataset, context_slices=1, epochs=1)
+    wf = _run(["train.json"], "train", **ov)
+    samples = wf.parser.get_parsed_content("train#dataset")[0]
+    assert {tuple(s["image"].shape) for s in samples} == {(3, 64, 64)}
+    assert {tuple(s["label"].shape) for s in samples} == {(1, 64, 64)}
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert state["encoders.0.0.conv.weight"].shape[1] == 3  # the first convolution takes slices z-1, z, z+1
+
+    out = tmp_path / "pred"
+    _run(
+        ["inference.json"],
+        "infer",
+        dataset_dir=str(dataset),
+        ckpt_path=str(tmp_path / "models" / "model.pt"),
+        output_dir=str(out),
+        context_slices=1,
+        **TINY,
+    )
+    images = sorted((dataset / "imagesTr").glob("*.nii.gz"))
+    preds = sorted(out.rglob("*.nii.gz"))
+    assert len(preds) == len(images)
+    assert {nib.load(p).shape[:3] for p in preds} == {nib.load(i).shape[:3] for i in images}
+
+
 def test_check_properties_train_and_infer(tmp_path: Path, dataset: Path) -> None:
     train = ConfigWorkflow(config_file=str(CFG / "train.json"), workflow_type="train", **_overrides(tmp_path, dataset))
     train.initialize()
