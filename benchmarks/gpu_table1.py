@@ -22,7 +22,7 @@ What it does, in this order (every step is timed; a failing check is recorded an
    folds, seed 0, 64 features, 5x5 kernels, the bundle's recipe (``train.json`` + ``datasets/chaos_mr_t2.json``).
    One ``compare`` call per (network, variant), all concurrently in separate processes over the same output
    folder, then one final ``compare`` over every finished (network, variant) that only writes the report.
-   The held-out patients are scored on the GPU (see :func:`_score_heldout_on_device`).
+   The held-out patients are scored on the bundle's ``device`` (the GPU).
 
 3. Everything comes back in at most 8 flat files (what the device tool returns): ``gpu_checks.json``,
    ``throughput.csv``, ``results.csv``, ``per_case.csv``, ``seeds.csv``, ``results.md``, ``table1_extra.tar.gz``
@@ -672,38 +672,6 @@ def check_multi_gpu_train(cfg: Config, datalist: Path, work: Path, timeout_s: fl
 
 
 # ---------------------------------------------------------------------------------------------- Table 1
-def _score_heldout_on_device() -> str:
-    """Held-out scoring runs the fold's network on the GPU when there is one.
-
-    ``scse_monai.experiments.heldout`` builds the network on CPU and runs ``SliceInferer`` there; at 64 features
-    and 5x5 kernels that is ~10x slower on CPU than the training it scores. Until it runs on the bundle's device
-    itself, this wraps its ``_inference`` (when it exists, with the same return value) to move the network to
-    ``cuda`` and let the inferer run the windows there (``sw_device``) and stitch on CPU (``device``). The
-    prediction is the same network's; only where it runs changes. Returns where scoring runs.
-    """
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    try:
-        from scse_monai.experiments import heldout
-
-        original = heldout._inference
-    except (ImportError, AttributeError):
-        return "cpu (no scse_monai.experiments.heldout._inference to wrap)"
-
-    def on_device(run, settings):
-        result = original(run, settings)
-        if not (isinstance(result, tuple) and len(result) == 4 and hasattr(result[1], "sw_device")):
-            return result
-        pre, inferer, post, net = result
-        inferer.sw_device, inferer.device = torch.device("cuda:0"), torch.device("cpu")
-        return pre, inferer, post, net.to("cuda:0")
-
-    heldout._inference = on_device
-    return "cuda:0"
-
-
 def _compare_kwargs(cfg: Config, epochs: int) -> dict:
     return {
         "folds": cfg.folds,
@@ -722,8 +690,6 @@ def worker(spec_file: Path) -> int:
     from scse_monai.experiments import compare
 
     spec = json.loads(Path(spec_file).read_text())
-    where = _score_heldout_on_device()
-    print(f"held-out scoring on {where}", flush=True)
     t0 = time.perf_counter()
     result = compare(spec["datalist"], spec["out"], networks=[spec["network"]], se=[spec["variant"]], **spec["kwargs"])
     print(

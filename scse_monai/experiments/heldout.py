@@ -80,7 +80,7 @@ def score_case(pred: torch.Tensor, label: torch.Tensor, spacing, organs: list[st
 
 def _inference(run: Run, settings: BundleSettings):
     """The bundle's inference preprocessing, inferer and postprocessing (without saving), and the fold's network
-    as ``train.json`` built it, with its last-epoch weights."""
+    as ``train.json`` built it, with its last-epoch weights, on the bundle's ``device`` (a GPU when there is one)."""
     from monai.bundle import ConfigParser
     from monai.transforms import Compose, SaveImaged
 
@@ -91,11 +91,14 @@ def _inference(run: Run, settings: BundleSettings):
     ckpt = latest_checkpoint(run.folder / "models")
     if ckpt is None:
         raise FileNotFoundError(f"{run.folder / 'models'}: no checkpoint to evaluate")
+    device = torch.device(parser.get_parsed_content("device"))
     net = run.build_network(settings)
     net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
     post = parser.get_parsed_content("postprocessing")
     post = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])
-    return parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inferer"), post, net.eval()
+    inferer = parser.get_parsed_content("inferer")
+    inferer.sw_device, inferer.device = device, torch.device("cpu")  # windows on the bundle's device, volume on CPU
+    return parser.get_parsed_content("preprocessing"), inferer, post, net.to(device).eval()
 
 
 def _save_label(path: Path, seg: np.ndarray, affine: np.ndarray) -> None:
