@@ -15,8 +15,6 @@ They are plain classes usable by ``_target_`` in a MONAI bundle config:
   left kidney 3). MONAI's RandFlipd flips but does not know that a flipped right kidney is a left one.
 - :class:`RandLabelIntensityScaled`: a random intensity factor per labelled organ (disease changes one organ's
   signal, not the whole image's); MONAI's intensity transforms act on the whole image.
-- :class:`AdjacentSlicesd`: 2.5D input, the neighbouring slices of every slice as extra channels of the volume,
-  so that MONAI's slice sampling and ``SliceInferer`` pass them to a 2D network unchanged.
 
 Label remapping needs nothing new: use MONAI's ``MapLabelValued`` (e.g. a VISCERAL label map -> CHAOS indices).
 
@@ -56,7 +54,6 @@ from monai.transforms import (
 from scse_monai.errors import InputError
 
 __all__ = [
-    "AdjacentSlicesd",
     "CheckInputd",
     "NormalizeModalityd",
     "RandForegroundSlicesd",
@@ -371,49 +368,3 @@ class CheckInputd(MapTransform):
                     f"{name}: {bad} of {values.numel()} voxels are not finite (NaN/inf); inference refuses "
                     "non-finite input"
                 )
-
-
-class AdjacentSlicesd(MapTransform):
-    """2.5D input: each slice of a volume gets its ``context`` neighbours on either side as extra channels.
-
-    A ``(C, H, W, D)`` volume becomes ``(C * (2 * context + 1), H, W, D)``; channel block ``j`` holds the volume
-    shifted by ``j - context`` slices along ``slice_axis`` (edge slices repeat at the ends). Applied to the whole
-    volume before slices are sampled (training) or inferred (``SliceInferer``), so a 2D network sees slice ``z``
-    with ``z - context .. z + context`` and nothing else in the pipeline changes. ``context=0`` returns the input.
-    The spatial grid is unchanged, so ``Invertd`` needs no inverse of it.
-
-    Args:
-        keys: image keys (labels keep their single channel).
-        context: neighbours on each side (0: plain 2D).
-        slice_axis: spatial axis of the slices (2 after ``Orientationd(axcodes="RAS")``: axial).
-        allow_missing_keys: don't raise if a key is missing.
-
-    Example:
-        >>> volume = torch.arange(3.0).reshape(1, 1, 1, 3)  # slices 0, 1, 2
-        >>> AdjacentSlicesd("image", context=1)({"image": volume})["image"][:, 0, 0].tolist()
-        [[0.0, 0.0, 1.0], [0.0, 1.0, 2.0], [1.0, 2.0, 2.0]]
-    """
-
-    def __init__(
-        self, keys: KeysCollection, context: int = 1, slice_axis: int = 2, allow_missing_keys: bool = False
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if isinstance(context, bool) or not isinstance(context, int) or context < 0:
-            raise ValueError(f"context must be an integer >= 0, got {context!r}")
-        self.context = context
-        self.slice_axis = slice_axis
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        if self.context == 0:
-            return d
-        for key in self.key_iterator(d):
-            image = d[key]
-            dim = self.slice_axis + 1
-            index = torch.arange(image.shape[dim], device=image.device)
-            shifted = [
-                image.index_select(dim, (index + offset).clamp(0, image.shape[dim] - 1))
-                for offset in range(-self.context, self.context + 1)
-            ]
-            d[key] = torch.cat(shifted, dim=0)
-        return d

@@ -156,6 +156,22 @@ def test_training_on_every_patient_saves_the_final_weights_as_model_pt(tmp_path:
     assert [p.read_bytes() for p in models.glob("model.pt.*.bak")] == [b"the user's own file"]
 
 
+@pytest.mark.parametrize("config", ["train.json", "inference.json"])
+def test_adjacent_slices_give_each_slice_its_neighbours_as_channels(config: str) -> None:
+    parser = ConfigParser(json.loads((CFG / config).read_text()))
+    volume = torch.rand(2, 5, 4, 6)  # two modalities, 6 slices
+    parser["context_slices"] = 2
+    out = parser.get_parsed_content("adjacent_slices", instantiate=True)({"image": volume})["image"]
+    assert out.shape == (10, 5, 4, 6)
+    for z in range(6):
+        for j, offset in enumerate(range(-2, 3)):
+            neighbour = volume[..., min(max(z + offset, 0), 5)]  # the edge slice repeats past the ends
+            torch.testing.assert_close(out[2 * j : 2 * j + 2, ..., z], neighbour)
+    parser = ConfigParser(json.loads((CFG / config).read_text()))
+    parser["context_slices"] = 0
+    torch.testing.assert_close(parser.get_parsed_content("adjacent_slices")({"image": volume})["image"], volume)
+
+
 def test_adjacent_slices_train_and_infer_with_three_input_channels(tmp_path: Path, dataset: Path) -> None:
     ov = _overrides(tmp_path, dataset, context_slices=1, epochs=1)
     wf = _run(["train.json"], "train", **ov)

@@ -1,5 +1,5 @@
 """Transforms: normalisation vs numpy, foreground slice sampling, left-right flip with label swap, per-organ
-intensity factors, 2.5D neighbour channels, full chain."""
+intensity factors, full chain."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientati
 
 from scse_monai.data import prepare_chaos, synthesize
 from scse_monai.transforms import (
-    AdjacentSlicesd,
     NormalizeModalityd,
     RandFlipLeftRightd,
     RandForegroundSlicesd,
@@ -111,19 +110,6 @@ def test_label_intensity_scales_each_organ_by_its_own_factor():
     assert torch.equal(RandLabelIntensityScaled("image", prob=0.0)({"image": image, "label": label})["image"], image)
     with pytest.raises(ValueError, match="factors"):
         RandLabelIntensityScaled("image", factors=(0.0, 1.0))
-
-
-def test_adjacent_slices_give_each_slice_its_neighbours_as_channels():
-    volume = torch.rand(2, 5, 4, 6)  # two modalities, 6 slices
-    out = AdjacentSlicesd("image", context=2)({"image": volume, "label": torch.zeros(1, 5, 4, 6)})
-    assert out["image"].shape == (10, 5, 4, 6) and out["label"].shape == (1, 5, 4, 6)
-    for z in range(6):
-        for j, offset in enumerate(range(-2, 3)):
-            neighbour = volume[..., min(max(z + offset, 0), 5)]  # the edge slice repeats past the ends
-            torch.testing.assert_close(out["image"][2 * j : 2 * j + 2, ..., z], neighbour)
-    assert AdjacentSlicesd("image", context=0)({"image": volume})["image"] is volume
-    with pytest.raises(ValueError, match="context"):
-        AdjacentSlicesd("image", context=-1)
 
 
 def test_chain_on_prepared_phantom(tmp_path):
