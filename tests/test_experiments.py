@@ -14,7 +14,7 @@ from scipy import stats as sps
 
 from scse_monai.experiments import bootstrap_ci, compare, crossval, make_folds, paired_difference, wilcoxon_paired
 from scse_monai.experiments.__main__ import main
-from scse_monai.experiments.compare import _seed_rows
+from scse_monai.experiments.compare import _common_patients, _seed_rows
 from scse_monai.experiments.heldout import score_case
 
 TINY_SET = {"features": 4, "roi_size": [64, 64], "pixdim": [-1.0, -1.0, -1.0], "val_interval": 2}
@@ -161,6 +161,19 @@ def test_seed_rows_report_the_spread_between_seeds() -> None:
     assert out[0]["difference_vs_first_seed"] == 0.0
     assert out[1]["difference_vs_first_seed"] == pytest.approx(0.1)
     assert out[1]["mean_dice"] == pytest.approx(0.615)
+
+
+def test_tables_use_only_the_patients_every_variant_has() -> None:
+    table = {
+        ("unet", "none"): {"a": 1, "b": 2},
+        ("unet", "scse"): {"a": 3, "b": 4, "c": 5},
+        ("sdnet", "none"): {"c": 6},
+    }
+    assert _common_patients(table) == {
+        ("unet", "none"): {"a": 1, "b": 2},
+        ("unet", "scse"): {"a": 3, "b": 4},
+        ("sdnet", "none"): {"c": 6},
+    }
 
 
 def test_paired_statistics_on_known_numbers() -> None:

@@ -161,7 +161,7 @@ def report(out: Path, variants: dict[tuple[str, str], list[Run]], settings: Bund
     header = ["network", "variant", "seed", "fold", "case"]
     header += [f"{m}_{o}" for m in ("dice", "hd95", "volume_ratio") for o in organs]
     write_text_atomic(out / "per_case.csv", csv_text(header, all_rows))
-    table = {key: _per_patient(rs, organs) for key, rs in rows_of.items() if rs}
+    table = _common_patients({key: _per_patient(rs, organs) for key, rs in rows_of.items() if rs})
     rows = _summary_rows(table, organs, variants, settings)
     write_text_atomic(out / "results.csv", csv_text(list(rows[0]) if rows else ["network"], rows))
     seed_rows = _seed_rows(rows_of, organs)
@@ -176,6 +176,17 @@ def report(out: Path, variants: dict[tuple[str, str], list[Run]], settings: Bund
         "figures": [str(f) for f in figs],
         "rows": rows,
     }
+
+
+def _common_patients(table: dict) -> dict:
+    """Keeps, per network, the patients that every variant has scored: while runs are missing, the means and the
+    paired differences are then over the same patients."""
+    out = {}
+    for net in dict.fromkeys(n for n, _ in table):
+        keys = [k for k in table if k[0] == net]
+        common = set.intersection(*(set(table[k]) for k in keys))
+        out.update({k: {c: v for c, v in table[k].items() if c in common} for k in keys})
+    return out
 
 
 def _summary_rows(table, organs, variants, settings) -> list[dict]:
@@ -294,7 +305,9 @@ def _markdown(rows, seed_rows, organs, variants, settings: BundleSettings, figs)
         "",
         f"{done} of {total} runs finished; seeds {seeds}; every held-out patient predicted by its fold's "
         f"last-epoch weights and scored on the original grid. Recipe: the bundle's, configs "
-        f"{settings.extra_configs}, overrides `{settings.overrides}`.",
+        f"{settings.extra_configs}, overrides `{settings.overrides}`. Patients in the tables: "
+        f"{', '.join(str(by[(n, vars_[0], 'mean')]['n_patients']) for n in nets if (n, vars_[0], 'mean') in by)} "
+        "(those that every variant of the network has scored).",
         "",
         "## Mean Dice over organs (mean ± std over patients; each patient averaged over seeds)",
         "",
