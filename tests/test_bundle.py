@@ -137,7 +137,7 @@ def test_train_evaluate_infer_export(tmp_path: Path, dataset: Path) -> None:
     assert "preprocessing" in json.loads(extra["inference.json"])
     net.load_state_dict(state)
     net.eval()
-    x = torch.randn(1, 1, 64, 64)
+    x = torch.randn(1, net.encoders[0][0].conv.in_channels, 64, 64)  # 3 slices as channels with context_slices 1
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x))
 
@@ -401,9 +401,10 @@ def test_onnx_export_matches_the_network(tmp_path: Path) -> None:
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     onnx_path = tmp_path / "model.onnx"
-    res = _export_cli("onnx_export", onnx_path, ckpt, "--use_trace", "True", "--input_shape", "[1, 1, 64, 64]")
+    shape = [1, parser.get_parsed_content("network_def#in_channels"), 64, 64]
+    res = _export_cli("onnx_export", onnx_path, ckpt, "--use_trace", "True", "--input_shape", json.dumps(shape))
     assert res.returncode == 0, res.stderr[-3000:]
-    x = torch.randn(1, 1, 64, 64)
+    x = torch.randn(*shape)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
