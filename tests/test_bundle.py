@@ -281,7 +281,7 @@ def test_dataset_overrides_build_the_network(dataset_cfg: str) -> None:
     parser.read_config([str(CFG / "train.json"), str(CFG / "datasets" / dataset_cfg)])
     parser["features"] = 4
     net = parser.get_parsed_content("network_def")
-    x = torch.randn(1, parser["in_channels"], 32, 32)
+    x = torch.randn(1, parser.get_parsed_content("network_def#in_channels"), 32, 32)
     assert net(x).shape == (1, parser["num_classes"], 32, 32)
     norm = parser.get_parsed_content("normalization")
     assert callable(norm)
@@ -469,7 +469,7 @@ def test_shipped_weights_are_consistent() -> None:
     }, "re-export model.ts (README: ckpt_export)"
     embedded, today = json.loads(extra["metadata.json"]), json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     assert embedded["network_data_format"] == today["network_data_format"], "re-export model.ts (README: ckpt_export)"
-    x = torch.rand(1, 1, 96, 80)
+    x = torch.rand(1, parser.get_parsed_content("network_def#in_channels"), 96, 80)
     with torch.no_grad():
         assert torch.allclose(scripted(x), net(x), atol=1e-5)
 

@@ -143,8 +143,11 @@ def test_compare_pairs_variants_by_patient(cmp, datalist: Path) -> None:
         assert _f(r["ci_low_vs_none"]) - 1e-4 <= _f(r["mean_difference_vs_none"]) <= _f(r["ci_high_vs_none"]) + 1e-4
     from scse_monai.networks import SEUNet
 
+    train_json = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json"
+    context = json.loads(train_json.read_text())["context_slices"]
     n0, n1 = (
-        sum(p.numel() for p in SEUNet(2, 1, 5, features=4, kernel_size=3, se=s).parameters()) for s in (None, "scse")
+        sum(p.numel() for p in SEUNet(2, 2 * context + 1, 5, features=4, kernel_size=3, se=s).parameters())
+        for s in (None, "scse")
     )
     assert int(by[("none", "mean")]["parameters"]) == n0 and int(by[("scse", "mean")]["parameters"]) == n1
     md = (out / "results.md").read_text()
