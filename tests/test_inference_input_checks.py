@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigParser
 
 CFG = Path(__file__).resolve().parents[1] / "bundle" / "configs"
@@ -48,4 +49,5 @@ def test_bundle_preprocessing_refuses_bad_inputs_naming_the_file(tmp_path, kind,
 def test_bundle_preprocessing_accepts_a_finite_volume(tmp_path):
     path = _write(tmp_path / "ok.nii.gz", np.random.default_rng(0).random((16, 16, 4)).astype(np.float32))
     out = _preprocessing()({"image": str(path)})
-    assert out["image"].shape[0] == 1
+    assert out["image"].shape[0] == 3 and out["image"].shape[-1] == 4  # slices z-1, z, z+1 as channels (2.5D)
+    assert torch.isfinite(torch.as_tensor(out["image"])).all()
