@@ -12,9 +12,7 @@ label voxels when a loss asks for them.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -35,8 +33,6 @@ logger = logging.getLogger(__name__)
 
 #: file names looked for in ``dataset_dir``, in this order
 DATALIST_NAMES = ("datalist.json", "dataset.json")
-
-_SUFFIX = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd)$", re.IGNORECASE)
 
 
 def _fail(message: str, error: type[Exception] = FileNotFoundError) -> NoReturn:
@@ -93,27 +89,23 @@ def resolve_datalist(dataset_dir: str, synthetic_if_missing: bool = False) -> st
     return str(ensure_synthetic_dataset(root))
 
 
-def _load(datalist_file: str) -> dict:
-    path = Path(datalist_file)
+def _load(datalist_file: str, absolute: bool = False) -> dict:
+    """:func:`scse_monai.data.datalist.read_datalist`, its errors raised through :func:`_fail`."""
+    from scse_monai.data.datalist import read_datalist  # here, not at the top: scse_monai.data is heavy to import
+
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        _fail(f"datalist {path} does not exist")
-    except json.JSONDecodeError as e:
-        _fail(f"datalist {path} is not valid JSON: {e}", InputError)
-
-
-def _case_name(image: str) -> str:
-    return _SUFFIX.sub("", Path(str(image)).name)
+        return read_datalist(datalist_file, absolute=absolute)
+    except (FileNotFoundError, InputError) as e:
+        _fail(str(e), type(e))
 
 
 def _with_folds(entries: list[dict], datalist_file: str, folds: int, seed: int) -> list[dict]:
     """``entries`` as they are when every one has a ``fold``; else a seeded patient-level split into folds."""
     if entries and all("fold" in e for e in entries):
         return entries
-    from scse_monai.data.datalist import assign_folds
+    from scse_monai.data.datalist import assign_folds, case_name
 
-    patient = [str(e.get("patient") or _case_name(e["image"])) for e in entries]
+    patient = [str(e.get("patient") or case_name(e["image"])) for e in entries]
     n = len(set(patient))
     k = max(1, min(int(folds), n))
     fold_of = assign_folds(patient, k, seed) if n else {}
@@ -147,8 +139,7 @@ def partition(
     """
     if part not in ("train", "val", "all"):
         raise ValueError(f"part must be 'train', 'val' or 'all', got {part!r}")
-    meta = _load(datalist_file)
-    base = Path(datalist_file).resolve().parent
+    meta = _load(datalist_file, absolute=True)
     held_out = {int(f) for f in val_folds}
     entries = _with_folds(list(meta.get("training", [])), datalist_file, folds, seed)
     # a patient split across folds would leak slices of one patient into both sides
@@ -162,11 +153,7 @@ def partition(
     for entry in entries:
         is_val = int(entry.get("fold", 0)) in held_out
         if part == "all" or (part == "val") == is_val:
-            item = dict(entry)
-            for key in ("image", "label"):
-                if key in item:
-                    item[key] = str(base / item[key])
-            items.append(item)
+            items.append(dict(entry))
     if not items and not (part == "val" and not held_out):  # no val_folds: train on every patient
         raise ValueError(
             f"datalist {datalist_file}: no cases for part={part!r} with val_folds={sorted(held_out)} "
@@ -205,19 +192,18 @@ def class_voxel_counts(datalist_file: str, num_classes: int | None = None) -> di
         >>> class_voxel_counts("Task09_Spleen/dataset.json")  # doctest: +SKIP
         {'0': 97652433, '1': 310254}
     """
-    meta = _load(datalist_file)
+    meta = _load(datalist_file, absolute=True)
     if meta.get("class_voxel_counts"):
         return {str(k): int(v) for k, v in meta["class_voxel_counts"].items()}
     import nibabel as nib
     import numpy as np
 
-    base = Path(datalist_file).resolve().parent
     n = num_classes or len(meta.get("labels", {})) or 0
     total = np.zeros(max(n, 1), dtype=np.int64)
     for entry in meta.get("training", []):
         if "label" not in entry:
             continue
-        label = np.asarray(nib.load(str(base / entry["label"])).dataobj).astype(np.int64).ravel()
+        label = np.asarray(nib.load(entry["label"]).dataobj).astype(np.int64).ravel()
         counts = np.bincount(label, minlength=len(total))
         if len(counts) > len(total):
             total = np.pad(total, (0, len(counts) - len(total)))

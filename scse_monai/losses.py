@@ -14,7 +14,6 @@ Dice term; the papers weight only the cross-entropy, which is the default here (
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -77,19 +76,6 @@ def median_frequency_weights(class_counts: Mapping[Any, int] | Sequence[int] | t
     return [median / f if f > 0 else 0.0 for f in freqs]
 
 
-def _read_datalist(datalist: str | os.PathLike | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
-    if isinstance(datalist, Mapping):
-        return datalist, "datalist"
-    path = os.fspath(datalist)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f), path
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"datalist file not found: {path}") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"datalist file {path} is not valid JSON: {err}") from err
-
-
 def weights_from_datalist(path: str | os.PathLike | Mapping[str, Any]) -> list[float]:
     """Median frequency weights from a datalist's ``"class_voxel_counts"``.
 
@@ -109,8 +95,13 @@ def weights_from_datalist(path: str | os.PathLike | Mapping[str, Any]) -> list[f
         >>> weights_from_datalist({"class_voxel_counts": {"0": 900, "1": 60, "2": 40}})
         [0.06666666666666667, 1.0, 1.5]
     """
-    doc, where = _read_datalist(path)
-    counts = doc.get("class_voxel_counts") if isinstance(doc, Mapping) else None
+    if isinstance(path, Mapping):
+        doc, where = path, "datalist"
+    else:
+        from scse_monai.data.datalist import read_datalist  # here: scse_monai.data is heavy to import
+
+        doc, where = read_datalist(path), os.fspath(path)
+    counts = doc.get("class_voxel_counts")
     if counts is None and not isinstance(path, Mapping):
         # a plain decathlon dataset.json: count the voxels of its training labels now
         from scse_monai.bundle_support import class_voxel_counts

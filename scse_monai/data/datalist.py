@@ -1,4 +1,5 @@
-"""Patient-level folds, class voxel counts, atomic file writes and the MONAI (decathlon-style) datalist."""
+"""Patient-level folds, class voxel counts, atomic file writes and the MONAI (decathlon-style) datalist: writing
+it (:func:`write_datalist`), reading it (:func:`read_datalist`) and naming its cases (:func:`case_name`)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import nibabel as nib
 import numpy as np
 
 from ..atomic import write_text_atomic
+from ..errors import InputError
 from .errors import DataPreparationError
 
 __all__ = [
     "assign_folds",
     "atomic_replace_all",
+    "case_name",
     "check_case_names",
     "check_out_dir",
     "clean_stale_tmp",
@@ -27,6 +30,7 @@ __all__ = [
     "owned_outputs_check",
     "output_stamp",
     "prepare_out_dir",
+    "read_datalist",
     "save_nifti_atomic",
     "tmp_path_for",
     "write_case",
@@ -34,6 +38,54 @@ __all__ = [
 ]
 
 _TMP_RE = re.compile(r"^\.tmp-(\d+)-")
+_IMAGE_SUFFIX = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd)$", re.IGNORECASE)
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """The case name of an image file: its file name without the image suffix (``.nii.gz``, ``.nii``, ``.nrrd``,
+    ``.mha``, ``.mhd``; any case).
+
+    Example:
+        >>> case_name("prepared/imagesTr/chaos_mr_t2_01.nii.gz")
+        'chaos_mr_t2_01'
+    """
+    return _IMAGE_SUFFIX.sub("", Path(str(path)).name)
+
+
+def read_datalist(path: str | os.PathLike, *, absolute: bool = False) -> dict:
+    """The content of a datalist: ``datalist.json`` written by ``prepare``, or a decathlon ``dataset.json``.
+
+    Args:
+        path: the JSON file.
+        absolute: make the ``image`` / ``label`` paths of the ``training`` items absolute: relative ones are joined
+            to the datalist's folder (symlinks are not followed, so the file names stay as listed).
+
+    Raises:
+        FileNotFoundError: ``datalist <path> does not exist``.
+        InputError: (a ``ValueError``) the file is not valid JSON, or not a JSON object; the message names the file.
+
+    Example:
+        >>> read_datalist("prepared/chaos_mr_t2/datalist.json", absolute=True)["training"][0]["image"]  # doctest: +SKIP
+        '/work/prepared/chaos_mr_t2/imagesTr/chaos_mr_t2_01.nii.gz'
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"datalist {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"datalist {path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"datalist {path} is not a JSON object (found a {type(doc).__name__})")
+    if absolute and isinstance(doc.get("training"), list):
+        base = path.resolve().parent
+        doc["training"] = [
+            {**it, **{k: str(base / it[k]) for k in ("image", "label") if isinstance(it.get(k), str)}}
+            if isinstance(it, dict)
+            else it
+            for it in doc["training"]
+        ]
+    return doc
 
 
 def check_folds(n_patients: int, folds: int) -> int:

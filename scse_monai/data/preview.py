@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from .datalist import case_name, read_datalist  # noqa: E402
 from .errors import DataPreparationError  # noqa: E402
 
 __all__ = ["preview_case", "find_case"]
@@ -22,13 +22,15 @@ _COLOURS = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
 
 
 def find_case(datalist: str | Path, case: str) -> dict:
-    """Datalist item whose file stem (e.g. ``chaos_mr_t2_01``) or ``patient`` equals ``case``."""
-    doc = json.loads(Path(datalist).read_text())
+    """Datalist item whose case name (e.g. ``chaos_mr_t2_01``) or ``patient`` equals ``case``."""
+    return _find_case(read_datalist(datalist), case, datalist)
+
+
+def _find_case(doc: dict, case: str, datalist: str | Path) -> dict:
     for it in doc.get("training", []):
-        stem = Path(it["image"]).name.split(".")[0]
-        if case in (stem, str(it.get("patient"))):
+        if case in (case_name(it["image"]), str(it.get("patient"))):
             return it
-    names = [Path(it["image"]).name.split(".")[0] for it in doc.get("training", [])]
+    names = [case_name(it["image"]) for it in doc.get("training", [])]
     raise DataPreparationError(f"case {case!r} not in datalist (cases: {', '.join(names)})", file=datalist)
 
 
@@ -51,11 +53,10 @@ def preview_case(datalist: str | Path, case: str, out: str | Path, slices: int =
     Example:
         >>> preview_case("prepared/datalist.json", "chaos_mr_t2_01", "overlay.png")  # doctest: +SKIP
     """
-    datalist = Path(datalist)
-    doc = json.loads(datalist.read_text())
-    item = find_case(datalist, case)
-    img = nib.as_closest_canonical(nib.load(datalist.parent / item["image"]))
-    lab = nib.as_closest_canonical(nib.load(datalist.parent / item["label"]))
+    doc = read_datalist(datalist, absolute=True)
+    item = _find_case(doc, case, datalist)
+    img = nib.as_closest_canonical(nib.load(item["image"]))
+    lab = nib.as_closest_canonical(nib.load(item["label"]))
     image = np.asanyarray(img.dataobj).astype(np.float32)
     if image.ndim == 4:
         image = image[..., 0]  # first channel (T1-DUAL: in-phase)
@@ -89,7 +90,7 @@ def preview_case(datalist: str | Path, case: str, out: str | Path, slices: int =
     present = sorted(int(c) for c in np.unique(label) if c > 0)
     handles = [Patch(color=cmap(c), label=names.get(str(c), str(c))) for c in present]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8)
-    fig.suptitle(f"{Path(item['image']).name.split('.')[0]}  (patient {item.get('patient')}, fold {item.get('fold')})")
+    fig.suptitle(f"{case_name(item['image'])}  (patient {item.get('patient')}, fold {item.get('fold')})")
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

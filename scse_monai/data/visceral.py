@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .datalist import case_name as _stem  # the file name without its image suffix
 from .datalist import (
     check_case_names,
     check_folds,
@@ -57,10 +58,6 @@ def resolve_organs(organs: list[str] | tuple[str, ...] | None) -> list[str]:
             raise DataPreparationError(f"organ {o!r} given twice")
         out.append(name)
     return out
-
-
-def _stem(path: Path) -> str:
-    return re.sub(r"\.nii(\.gz)?$", "", path.name)
 
 
 def _load(path: Path, patient: str) -> nib.Nifti1Image:
@@ -188,7 +185,7 @@ def _case_details(results: list[dict], progress: bool) -> tuple[list[dict], dict
     total_overlap: dict[str, int] = {}
     for r in results:
         it = dict(r)
-        case = Path(it["image"]).name.split(".")[0]
+        case = _stem(it["image"])
         cases[case] = {"missing": it.pop("missing"), "overlaps": it.pop("overlaps")}
         items.append(it)
         for k, v in cases[case]["overlaps"].items():

@@ -26,7 +26,7 @@ from scse_monai.atomic import write_text_atomic
 from scse_monai.blocks import AGGREGATIONS, SE_LAYER_NAMES
 from scse_monai.experiments import figures
 from scse_monai.experiments.crossval import csv_text, fmt, run_all
-from scse_monai.experiments.heldout import organ_keys, read_heldout
+from scse_monai.experiments.heldout import case_name, organ_keys, read_heldout
 from scse_monai.experiments.runs import BundleSettings, Run
 from scse_monai.experiments.setup import ExperimentError, bundle_settings, check_seeds, open_experiment
 from scse_monai.experiments.stats import paired_difference
@@ -271,7 +271,7 @@ def _overlays(out: Path, net: str, variants, table, organs: list[str], folded: d
     if base is None or var is None:
         return []
     cases = sorted(set(base) & set(var), key=lambda c: -abs(var[c]["mean"] - base[c]["mean"]))[:n]
-    items = {Path(i["image"]).name.split(".nii")[0]: i for i in folded["training"]}
+    items = {case_name(i["image"]): i for i in folded["training"]}
     load = LoadImage(image_only=True)
     paths = []
     for case in cases:

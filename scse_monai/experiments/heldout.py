@@ -19,14 +19,10 @@ from tqdm.auto import tqdm
 
 from scse_monai.atomic import write_bytes_atomic, write_text_atomic
 from scse_monai.checkpoints import latest_checkpoint
+from scse_monai.data.datalist import case_name
 from scse_monai.experiments.runs import BundleSettings, Run
 
 __all__ = ["case_name", "organ_keys", "read_heldout", "score_case", "score_heldout"]
-
-
-def case_name(path: str | Path) -> str:
-    """``.../chaos_mr_t2_01.nii.gz`` -> ``chaos_mr_t2_01``."""
-    return Path(path).name.split(".nii")[0]
 
 
 def organ_keys(folded: dict) -> list[str]:

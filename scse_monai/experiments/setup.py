@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from scse_monai.atomic import write_text_atomic
+from scse_monai.data.datalist import read_datalist
 from scse_monai.experiments.runs import BundleSettings
 
 __all__ = ["ExperimentError", "bundle_settings", "check_seeds", "default_bundle_root", "make_folds", "open_experiment"]
@@ -22,7 +23,7 @@ def default_bundle_root() -> Path:
 
 
 def make_folds(datalist_file: str | Path, folds: int) -> dict:
-    """The datalist with patient-level folds ``0..folds-1`` and absolute image/label paths.
+    """The datalist with patient-level folds ``0..folds-1`` and absolute image/label paths (:func:`read_datalist`).
 
     The prepared folds are kept when there are exactly ``folds`` of them; otherwise patients (ordered by their
     prepared fold, then id) are dealt round-robin into ``folds`` groups: every patient's volumes stay in one fold.
@@ -31,15 +32,12 @@ def make_folds(datalist_file: str | Path, folds: int) -> dict:
         ExperimentError: unreadable datalist, no training items, or fewer patients than folds.
     """
     try:
-        meta = json.loads(Path(datalist_file).read_text())
-    except FileNotFoundError:
-        raise ExperimentError(f"--datalist {datalist_file} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExperimentError(f"--datalist {datalist_file} is not a JSON datalist: {e}") from None
-    items = meta.get("training") if isinstance(meta, dict) else None
+        meta = read_datalist(datalist_file, absolute=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise ExperimentError(str(e)) from None
+    items = meta.get("training")
     if not items or not all(isinstance(i, dict) and "image" in i and "label" in i for i in items):
         raise ExperimentError(f"--datalist {datalist_file}: no 'training' items with image and label")
-    base = Path(datalist_file).resolve().parent
     patients: dict[str, int] = {}
     for item in items:
         patients.setdefault(str(item.get("patient", item["image"])), int(item.get("fold", 0)))
@@ -53,8 +51,6 @@ def make_folds(datalist_file: str | Path, folds: int) -> dict:
     out["training"] = []
     for item in items:
         item = dict(item)
-        for key in ("image", "label"):
-            item[key] = str((base / item[key]).resolve())
         item["fold"] = new_fold[str(item.get("patient", item["image"]))]
         out["training"].append(item)
     return out
@@ -146,11 +142,7 @@ def open_experiment(out: str | Path, record: dict, settings: BundleSettings, fol
     settings_check(out / "settings.json", record)
     settings.datalist_file = out / "datalist.json"
     if settings.datalist_file.is_file():
-        folded = json.loads(settings.datalist_file.read_text())
-        folded["training"] = [
-            {**i, **{k: str((out / i[k]).resolve()) for k in ("image", "label")}} for i in folded["training"]
-        ]
-        return out, folded
+        return out, read_datalist(settings.datalist_file, absolute=True)
     rel = [{**i, **{k: os.path.relpath(i[k], out.resolve()) for k in ("image", "label")}} for i in folded["training"]]
     write_text_atomic(settings.datalist_file, json.dumps({**folded, "training": rel}, indent=1) + "\n")
     return out, folded
