@@ -195,7 +195,8 @@ class GlobalOverlap(IgniteMetricHandler):
     An ``IgniteMetricHandler`` around :class:`scse_monai.metrics.SegmentationCountsMetric`. Differences from
     ``monai.handlers.MeanDice`` (why this exists): pooled counts (the SE papers' global Dice) instead of a mean of
     per-case scores, label maps accepted without one-hot expansion, Jaccard from the same counts, per-class values
-    published as separate scalars, case names taken from the batch's meta data, and several times faster.
+    published as separate scalars, and case names taken from the batch's meta data (timings against MONAI:
+    ``docs/benchmarks.md``).
 
     Args:
         num_classes: number of classes including background; may be omitted when ``class_names`` is a
@@ -233,7 +234,8 @@ class GlobalOverlap(IgniteMetricHandler):
         num_classes, self.class_labels = _resolve_classes(class_names, num_classes, include_background)
         metric = SegmentationCountsMetric(num_classes, include_background, metric_name)
         super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
-        # ignite would unroll lists of per-case tensors into one update per case, without their meta data (case names)
+        # ignite would unroll lists of per-case tensors into one update per case, without their meta data (case names);
+        # set by hand because MONAI's IgniteMetricHandler does not pass ignite's Metric(skip_unrolling=...) argument on
         self._skip_unrolling = True
         self.num_classes = num_classes
         self.include_background = include_background

@@ -13,8 +13,8 @@ From them it derives
 
 Why not ``monai.metrics.DiceMetric``: it needs one-hot ``(B, C, ...)`` float inputs (or expands label maps to
 them internally), stores per-case *scores* rather than counts (so no pooled Dice), and has no Jaccard. Counting
-label maps directly is a single ``scatter_add_`` over a ``B x C x C`` confusion matrix, several times faster
-(see ``benchmarks/bench_metrics.py``), and the counts stay on the input's device until :meth:`compute`: there is
+label maps directly is a single ``scatter_add_`` over a ``B x C x C`` confusion matrix (timings against
+``DiceMetric``: ``docs/benchmarks.md``), and the counts stay on the input's device until :meth:`compute`: there is
 no ``.item()`` / ``.cpu()`` (no host synchronisation) per update.
 
 Under ``torch.distributed`` the per-case rows of all ranks are gathered by MONAI's ``Cumulative`` buffers
@@ -238,9 +238,8 @@ class SegmentationCountsMetric(CumulativeIterationMetric):
         """Counts when one input (or both) is one-hot: one case and class at a time, in two reused buffers.
 
         Each row of each input becomes a float32 0/1 indicator (nonzero one-hot entry, or voxels of that label)
-        written into a buffer that every row reuses: whole-batch boolean or float maps were several times
-        slower on CPU (boolean sums are 15-30x slower than float ones, and fresh batch-sized maps are paged
-        in on every call).
+        written into a buffer that every row reuses, instead of whole-batch boolean or float maps: boolean sums are
+        slow on CPU, and fresh batch-sized maps are paged in on every call.
         """
         p_rows, p_one_hot = self._class_rows(y_pred, "y_pred")
         t_rows, t_one_hot = self._class_rows(y, "y")
