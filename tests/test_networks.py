@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
 
-from scse_monai.blocks import ChannelSELayer, ChannelSpatialSELayer, SpatialSELayer
+from scse_monai.blocks import AGGREGATIONS, ChannelSELayer, ChannelSpatialSELayer, SpatialSELayer
 from scse_monai.networks import (
     NETWORKS,
     SEFCDenseNet,
@@ -26,7 +26,7 @@ from scse_monai.networks import (
 from scse_monai.networks.sampling import crop_to, max_unpool, pad_to_multiple
 
 NETS = (SEUNet, SESDNet, SEFCDenseNet)
-SE_CONFIGS = [(None, "max"), ("cse", "max"), ("sse", "max")] + [("scse", a) for a in ("max", "add", "mul", "concat")]
+SE_CONFIGS = [(None, "max"), ("cse", "max"), ("sse", "max")] + [("scse", a) for a in AGGREGATIONS]
 SE_TYPES = (ChannelSELayer, SpatialSELayer, ChannelSpatialSELayer)
 # odd sizes on purpose: none is divisible by 16
 SHAPES = {2: (2, 1, 19, 23), 3: (1, 1, 9, 17, 6)}
