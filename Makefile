@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml mk/pip-install
 -include mk/*.mk
 
 test: $(TEST_DEPS)
-	$(BIN)/python -m ruff check scse_monai tests benchmarks
+	$(BIN)/python -m ruff check scse_monai tests benchmarks apps
 	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 demo: setup
@@ -49,8 +49,8 @@ prepare-samples: setup
 		--out $(PREPARED)/previews/chaos_mr_t2_01.png
 
 lint: setup
-	$(BIN)/python -m ruff check scse_monai tests benchmarks
-	$(BIN)/python -m ruff format --check scse_monai tests benchmarks
+	$(BIN)/python -m ruff check scse_monai tests benchmarks apps
+	$(BIN)/python -m ruff format --check scse_monai tests benchmarks apps
 
 clean:
 	rm -rf $(VENV) .venv-label .venv-deploy .pytest_cache build dist *.egg-info
