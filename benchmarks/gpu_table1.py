@@ -61,8 +61,6 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 DEFAULT_DATALIST = REPO / "prepared" / "chaos_mr_t2" / "datalist.json"
 DATASET_CONFIG = "chaos_mr_t2"
-NETWORKS = ("unet", "sdnet", "fcdensenet")
-VARIANTS = ("none", "cse", "sse", "scse")
 NUM_CLASSES = 5  # CHAOS MR: background, liver, right kidney, left kidney, spleen
 #: the files that come back from the device machine (at most 8, flat)
 RESULT_FILES = ("results.csv", "per_case.csv", "seeds.csv", "results.md")
@@ -126,8 +124,8 @@ class Config:
 def full_config(epochs: int | None, budget_s: float) -> Config:
     return Config(
         tiny=False,
-        networks=NETWORKS,
-        variants=VARIANTS,
+        networks=tuple(_all_networks()),
+        variants=_all_variants(),
         folds=4,
         features=64,
         kernel_size=5,
@@ -276,9 +274,17 @@ def _network(name: str, se: str, features: int, kernel_size: int):
 
 
 def _all_networks() -> list[str]:
-    from scse_monai.networks import NETWORKS as REGISTRY
+    """The names in the network registry (``scse_monai.networks.registry``)."""
+    from scse_monai.networks.registry import NETWORKS
 
-    return list(REGISTRY)
+    return list(NETWORKS)
+
+
+def _all_variants() -> tuple[str, ...]:
+    """The SE variants: the names of the ``scse_monai.blocks.SE`` factory (``none`` first)."""
+    from scse_monai.blocks import SE_LAYER_NAMES
+
+    return SE_LAYER_NAMES
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -291,7 +297,7 @@ def check_bf16_train_step(cfg: Config) -> dict:
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     rows = []
     for net_name in _all_networks():
-        for se in VARIANTS if not cfg.tiny else cfg.variants:
+        for se in _all_variants() if not cfg.tiny else cfg.variants:
             torch.manual_seed(0)
             net = _network(net_name, se, cfg.features, cfg.kernel_size).to(device).train()
             opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
