@@ -4,13 +4,12 @@ comparison of SE variants (Table 1), each held-out patient scored with its fold'
 Command line: ``python -m scse_monai.experiments {crossval,compare} --datalist PREPARED/datalist.json ...``.
 """
 
-from scse_monai.experiments.compare import SE_VARIANTS, compare
+from scse_monai.experiments.compare import compare
 from scse_monai.experiments.crossval import crossval
 from scse_monai.experiments.setup import ExperimentError, make_folds
 from scse_monai.experiments.stats import bootstrap_ci, paired_difference, wilcoxon_paired
 
 __all__ = [
-    "SE_VARIANTS",
     "ExperimentError",
     "bootstrap_ci",
     "compare",

@@ -7,8 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from scse_monai.blocks import AGGREGATIONS
-from scse_monai.experiments.compare import SE_VARIANTS, compare
+from scse_monai.blocks import AGGREGATIONS, SE_LAYER_NAMES
+from scse_monai.experiments.compare import compare
 from scse_monai.experiments.crossval import crossval
 from scse_monai.experiments.setup import ExperimentError
 from scse_monai.networks.registry import NETWORKS
@@ -65,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("crossval", help="cross-validate the bundle's recipe (resumable)")
     _common(cv)
     cv.add_argument("--network", choices=list(NETWORKS), default="unet")
-    cv.add_argument("--se", choices=list(SE_VARIANTS), default="scse")
+    cv.add_argument("--se", choices=list(SE_LAYER_NAMES), default="scse")
     c = sub.add_parser("compare", help="compare SE variants, paired by patient (resumable)")
     _common(c)
     c.add_argument("--networks", type=_csv_list, default=["unet"], help=",".join(NETWORKS))
-    c.add_argument("--se", type=_csv_list, default=["none", "scse"], help=",".join(SE_VARIANTS))
+    c.add_argument("--se", type=_csv_list, default=["none", "scse"], help=",".join(SE_LAYER_NAMES))
     c.add_argument("--aggregation", type=_csv_list, default=["max"], help=",".join(AGGREGATIONS))
     c.add_argument("--features", type=int, default=None, help="channels per stage (default: the bundle's)")
     c.add_argument("--kernel-size", type=int, default=None, help="default: the bundle's")

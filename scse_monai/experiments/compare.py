@@ -32,9 +32,8 @@ from scse_monai.experiments.setup import ExperimentError, bundle_settings, check
 from scse_monai.experiments.stats import paired_difference
 from scse_monai.networks.registry import NETWORKS
 
-__all__ = ["BASELINE", "SE_VARIANTS", "compare"]
+__all__ = ["BASELINE", "compare"]
 
-SE_VARIANTS = SE_LAYER_NAMES
 BASELINE = "none"
 #: Roy et al. (TMI 2019), U-Net mean Dice without and with scSE: MALC brain / VISCERAL
 PAPER = {("unet", "none"): "0.763 / 0.857", ("unet", "scse"): "0.843 / 0.881"}
@@ -112,7 +111,7 @@ def compare(
         >>> compare("prepared/datalist.json", "cmp", se=["none", "scse"], seeds=[0, 1])  # doctest: +SKIP
     """
     networks = _choices("networks", networks, list(NETWORKS))
-    ses = _choices("se", se, SE_VARIANTS)
+    ses = _choices("se", se, SE_LAYER_NAMES)
     aggs = _choices("aggregation", aggregation, AGGREGATIONS)
     seeds = check_seeds(seeds)
     for name, value in (("features", features), ("kernel-size", kernel_size)):
