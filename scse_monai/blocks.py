@@ -1,22 +1,14 @@
-"""Squeeze-and-excitation blocks of Roy et al. (MICCAI 2018, TMI 2019) for any number of spatial dims.
+"""Squeeze-and-excitation blocks of Roy et al. (MICCAI 2018, TMI 2019) for 1, 2 or 3 spatial dims.
 
-Each block takes a feature map ``x`` of shape ``(B, C, *spatial)`` and returns a recalibrated map of the
-same shape:
+Each maps ``x`` of shape ``(B, C, *spatial)`` to a recalibrated map of the same shape:
 
-- :class:`ChannelSELayer` (cSE) squeezes space (global average pool), excites channels:
-  ``x * sigmoid(W2 relu(W1 mean(x)))``.
-- :class:`SpatialSELayer` (sSE) squeezes channels (1x1 convolution), excites positions:
-  ``x * sigmoid(conv1x1(x))``.
-- :class:`ChannelSpatialSELayer` (scSE) combines both recalibrated maps by max-out (journal version),
-  addition (MICCAI version), multiplication or concatenation followed by a 1x1 convolution.
+- :class:`ChannelSELayer` (cSE): ``x * sigmoid(W2 relu(W1 mean(x)))``, one gate per channel;
+- :class:`SpatialSELayer` (sSE): ``x * sigmoid(conv1x1(x))``, one gate per position;
+- :class:`ChannelSpatialSELayer` (scSE): both, aggregated by max-out (TMI), addition (MICCAI), product or concat.
 
-MONAI ships only a channel SE block (``monai.networks.blocks.ChannelSELayer``); sSE and scSE are written
-here. The gates are computed first (they are small: ``(B, C, 1, ...)`` and ``(B, 1, *spatial)``), then applied
-to the full-size map with plain PyTorch ops, so the blocks script, export to ONNX and compile with
-``torch.compile(fullgraph=True)`` (which fuses the elementwise ops on a GPU).
-
-The blocks are registered in the :data:`SE` layer factory (``SE["scse"]``); :func:`get_se_layer` builds one by
-name through it.
+MONAI ships only cSE (``monai.networks.blocks.ChannelSELayer``). The small gates are computed first, then applied with
+plain PyTorch ops, so the blocks script, export to ONNX and compile with ``torch.compile(fullgraph=True)``. They are
+registered in the :data:`SE` layer factory (``SE["scse"]``); :func:`get_se_layer` builds one by name through it.
 """
 
 from __future__ import annotations
@@ -67,22 +59,17 @@ def _check_aggregation(aggregation: str) -> str:
 
 
 class ChannelSELayer(nn.Module):
-    """Channel squeeze-and-excitation (cSE).
-
-    A global average pool squeezes each channel to one number; two fully connected layers
-    (``C -> C // reduction_ratio -> C``, with biases, ReLU between) and a sigmoid turn those into one
-    gate per channel, which scales the whole channel.
+    """Channel squeeze-and-excitation (cSE): a global average pool, fully connected layers ``C -> C // r -> C``
+    (with biases, ReLU between) and a sigmoid give one gate per channel, which scales the whole channel.
 
     Args:
         spatial_dims: number of spatial dimensions of the input (1, 2 or 3).
         in_channels: number of channels ``C`` of the input.
         reduction_ratio: ``r``; the hidden layer has ``C // r`` units, at least 1.
-        inplace: with autograd off (``torch.no_grad``, ``torch.inference_mode``), write the result over the input
-            instead of a new tensor, as ``nn.ReLU(inplace=True)`` does; for inputs nothing else reads afterwards
-            (the SE networks set it). With autograd on, the result is always a new tensor.
+        inplace: with autograd off (``torch.no_grad``, ``inference_mode``), write the result over the input, as
+            ``nn.ReLU(inplace=True)`` does, for inputs nothing else reads (the SE networks set it); else a new tensor.
 
-    Example::
-
+    Example:
         >>> layer = ChannelSELayer(spatial_dims=2, in_channels=64, reduction_ratio=2)
         >>> layer(torch.randn(4, 64, 32, 32)).shape
         torch.Size([4, 64, 32, 32])
@@ -124,18 +111,14 @@ class ChannelSELayer(nn.Module):
 
 
 class SpatialSELayer(nn.Module):
-    """Spatial squeeze-and-excitation (sSE).
-
-    A 1x1 convolution (``C -> 1``, with bias) and a sigmoid give one gate per position, which scales
-    every channel at that position.
+    """Spatial squeeze-and-excitation (sSE): a 1x1 convolution (``C -> 1``, with bias) and a sigmoid give one gate
+    per position, which scales every channel at that position.
 
     Args:
-        spatial_dims: number of spatial dimensions of the input (1, 2 or 3).
-        in_channels: number of channels ``C`` of the input.
+        spatial_dims, in_channels: as in :class:`ChannelSELayer`.
         inplace: with autograd off, write the result over the input (see :class:`ChannelSELayer`).
 
-    Example::
-
+    Example:
         >>> layer = SpatialSELayer(spatial_dims=3, in_channels=16)
         >>> layer(torch.randn(2, 16, 8, 8, 8)).shape
         torch.Size([2, 16, 8, 8, 8])
@@ -159,28 +142,18 @@ class SpatialSELayer(nn.Module):
 
 
 class ChannelSpatialSELayer(nn.Module):
-    """Concurrent spatial and channel squeeze-and-excitation (scSE).
-
-    The input is recalibrated by the channel gates of :attr:`cse` and by the spatial gates of :attr:`sse`,
-    and the two recalibrated maps are aggregated:
-
-    - ``"max"``: elementwise maximum (max-out; the TMI 2019 version and the authors' code),
-    - ``"add"``: sum (the MICCAI 2018 version),
-    - ``"mul"``: elementwise product,
-    - ``"concat"``: concatenation along channels, then a 1x1 convolution ``2C -> C`` (with bias).
-
-    ``block(x)`` equals, e.g. for ``"max"``, ``torch.maximum(block.cse(x), block.sse(x))``.
+    """Concurrent spatial and channel squeeze-and-excitation (scSE): ``x`` is recalibrated by the channel gates
+    ``gc`` of :attr:`cse` and by the spatial gates ``gs`` of :attr:`sse`, and the two maps are aggregated.
 
     Args:
-        spatial_dims: number of spatial dimensions of the input (1, 2 or 3).
-        in_channels: number of channels ``C`` of the input.
-        reduction_ratio: reduction ratio ``r`` of the channel SE's hidden layer.
-        aggregation: one of ``"max"``, ``"add"``, ``"mul"``, ``"concat"``.
+        spatial_dims, in_channels, reduction_ratio: as in :class:`ChannelSELayer`.
+        aggregation: ``"max"``: elementwise maximum (max-out; TMI 2019 and the authors' code), in training computed
+            as ``x*gs + relu(x*(gc-gs))``; ``"add"``: sum (MICCAI 2018); ``"mul"``: product; ``"concat"``:
+            concatenation along channels, then a 1x1 convolution ``2C -> C`` (with bias).
         inplace: with autograd off, write the result over the input (see :class:`ChannelSELayer`); not with
             ``"concat"``, whose result is a convolution's output. Its :attr:`cse` and :attr:`sse` stay out of place.
 
-    Example::
-
+    Example:
         >>> layer = ChannelSpatialSELayer(spatial_dims=2, in_channels=64, aggregation="max")
         >>> x = torch.randn(1, 64, 16, 16)
         >>> torch.allclose(layer(x), torch.maximum(layer.cse(x), layer.sse(x)))
@@ -247,20 +220,15 @@ SE_LAYER_NAMES: tuple[str, ...] = tuple(name.lower() for name in SE.names)
 
 
 def get_se_layer(name: str | None, spatial_dims: int, in_channels: int, **kwargs) -> nn.Module:
-    """Builds an SE layer by name, through the :data:`SE` layer factory.
+    """Builds an SE layer by name, through the :data:`SE` layer factory (``torch.nn.Identity`` for ``"none"``).
 
     Args:
         name: ``None`` or ``"none"`` (identity), ``"cse"``, ``"sse"`` or ``"scse"``; case-insensitive.
-        spatial_dims: number of spatial dimensions (1, 2 or 3).
-        in_channels: number of input channels.
+        spatial_dims, in_channels: as in :class:`ChannelSELayer`.
         kwargs: ``reduction_ratio`` (cSE, scSE), ``aggregation`` (scSE) and ``inplace`` (all). They are validated
             for every variant, and ignored by variants that do not use them, so one set of options configures all.
 
-    Returns:
-        The layer (``torch.nn.Identity`` for ``None``/``"none"``).
-
-    Example::
-
+    Example:
         >>> get_se_layer("scse", 2, 32, reduction_ratio=4, aggregation="add")
         ChannelSpatialSELayer(...)
     """
