@@ -66,7 +66,7 @@ def read_datalist(path: str | os.PathLike, *, absolute: bool = False) -> dict:
 
     Example:
         >>> read_datalist("prepared/chaos_mr_t2/datalist.json", absolute=True)["training"][0]["image"]  # doctest: +SKIP
-        '/work/prepared/chaos_mr_t2/imagesTr/chaos_mr_t2_01.nii.gz'
+        '/data/prepared/chaos_mr_t2/imagesTr/chaos_mr_t2_01.nii.gz'
     """
     path = Path(path)
     try:
