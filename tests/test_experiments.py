@@ -287,3 +287,21 @@ def test_set_reaches_every_run_and_is_recorded(cv) -> None:
         ckpt = out / "runs" / "unet_scse" / "seed0" / f"fold{fold}" / "models" / "checkpoint_epoch=1.pt"
         weights = torch.load(ckpt, weights_only=True)["model"]
         assert weights["encoder_se.0.cse.fc.0.weight"].shape == (2, 4)  # 4 features, the bundle's r = 2
+
+
+@pytest.mark.parametrize("codes", ["LPS", "RAS"])
+def test_overlays_show_the_patients_right_anterior_corner_top_left(tmp_path: Path, codes: str):
+    """Radiological display, whatever the file's orientation: anterior up, the patient's right on the left."""
+    import nibabel as nib
+
+    from scse_monai.experiments.figures import _radiological, load_ras
+
+    vol = np.zeros((6, 5, 3), dtype=np.uint8)
+    # the voxel nearest the patient's right-anterior corner: index 0 of an L/P axis, the last index of an R/A axis
+    vol[(0, 0, 1) if codes == "LPS" else (5, 4, 1)] = 1
+    sign = -1.0 if codes == "LPS" else 1.0
+    path = tmp_path / f"{codes}.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.diag([sign, sign, 1.0, 1.0])), path)
+    shown = _radiological(load_ras(path)[..., 1])
+    assert shown.shape == (5, 6)
+    assert shown[0, 0] == 1 and shown.sum() == 1

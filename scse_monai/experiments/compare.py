@@ -263,24 +263,21 @@ def _figures(out: Path, variants, table, organs: list[str], folded: dict) -> lis
 
 def _overlays(out: Path, net: str, variants, table, organs: list[str], folded: dict, n: int = 2) -> list[Path]:
     """The ``n`` patients whose mean Dice SE changes most (first scSE variant vs none; first seed's predictions)."""
-    from monai.transforms import LoadImage
-
     se_variant = next((v for (m, v) in table if m == net and v.startswith("scse")), None)
     base, var = table.get((net, BASELINE)), table.get((net, se_variant))
     if base is None or var is None:
         return []
     cases = sorted(set(base) & set(var), key=lambda c: -abs(var[c]["mean"] - base[c]["mean"]))[:n]
     items = {case_name(i["image"]): i for i in folded["training"]}
-    load = LoadImage(image_only=True)
     paths = []
     for case in cases:
         preds = {}
         for v in (BASELINE, se_variant):
             run = next(r for r in variants[(net, v)] if r.fold == int(items[case]["fold"]))
-            preds[f"{v} ({var[case]['mean'] if v != BASELINE else base[case]['mean']:.3f})"] = np.asarray(
-                load(str(run.folder / "eval" / "pred" / f"{case}.nii.gz"))
+            preds[f"{v} ({var[case]['mean'] if v != BASELINE else base[case]['mean']:.3f})"] = figures.load_ras(
+                run.folder / "eval" / "pred" / f"{case}.nii.gz"
             )
-        image, label = np.asarray(load(items[case]["image"])), np.asarray(load(items[case]["label"]))
+        image, label = figures.load_ras(items[case]["image"]), figures.load_ras(items[case]["label"])
         a, b = preds.values()
         z = int(np.argmax((a != b).reshape(-1, a.shape[-1]).sum(0)))
         figs_in = {net: {k: p[..., z] for k, p in preds.items()}}

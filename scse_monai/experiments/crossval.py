@@ -206,9 +206,6 @@ def _nan(f, a: np.ndarray) -> float:
 def _worst_overlays(out: Path, runs: list[Run], rows: list[dict], folded: dict, organs: list[str]) -> list[Path]:
     """Image, truth and prediction of the 3 patients with the lowest mean Dice (first seed), on the slice where
     prediction and truth disagree most."""
-    from monai.transforms import LoadImage
-
-    load = LoadImage(image_only=True)
     first = min(r["seed"] for r in rows)
     worst = sorted((r for r in rows if r["seed"] == first), key=lambda r: r["dice_mean"])[:3]
     images = {case_name(i["image"]): i for i in folded["training"]}
@@ -216,8 +213,8 @@ def _worst_overlays(out: Path, runs: list[Run], rows: list[dict], folded: dict, 
     for r in worst:
         run = next(x for x in runs if x.seed == r["seed"] and x.fold == int(r["fold"]))
         item = images[r["case"]]
-        image, label = np.asarray(load(item["image"])), np.asarray(load(item["label"]))
-        pred = np.asarray(load(str(run.folder / "eval" / "pred" / f"{r['case']}.nii.gz")))
+        image, label = figures.load_ras(item["image"]), figures.load_ras(item["label"])
+        pred = figures.load_ras(run.folder / "eval" / "pred" / f"{r['case']}.nii.gz")
         z = int(np.argmax((pred != label).reshape(-1, label.shape[-1]).sum(0)))
         title = f"{r['case']} (mean Dice {r['dice_mean']:.3f})"
         paths.append(

@@ -12,7 +12,7 @@ import numpy as np
 
 from scse_monai.atomic import write_bytes_atomic
 
-__all__ = ["dice_boxplot", "label_overlay", "training_curves"]
+__all__ = ["dice_boxplot", "label_overlay", "load_ras", "training_curves"]
 
 
 def _pyplot():
@@ -121,9 +121,22 @@ def training_curves(curves: Mapping[str, Mapping[int, Path]], title: str, path: 
     return path
 
 
+def load_ras(path: str | Path) -> np.ndarray:
+    """A volume (image or label map) as a numpy array in RAS axes, whatever the file's own orientation.
+
+    Example::
+
+        >>> load_ras("labelsTr/case_01.nii.gz").shape  # doctest: +SKIP
+        (256, 256, 36)
+    """
+    from monai.transforms import LoadImage, Orientation
+
+    return np.asarray(Orientation(axcodes="RAS")(LoadImage(image_only=True, ensure_channel_first=True)(str(path)))[0])
+
+
 def _radiological(a: np.ndarray) -> np.ndarray:
-    # arrays are RAS after the bundle's Orientationd: axis 0 runs towards the patient's right, axis 1 towards
-    # anterior. Radiological display: anterior up, the patient's right on the viewer's left.
+    # RAS axes (load_ras): axis 0 runs towards the patient's right, axis 1 towards anterior. Radiological
+    # display: anterior up, the patient's right on the viewer's left.
     return a.T[::-1, ::-1]
 
 
@@ -138,7 +151,7 @@ def label_overlay(
     """Image, ground truth and each variant's prediction on one axial slice (as the paper's Fig. 4).
 
     Args:
-        image: 2D slice (RAS array axes).
+        image: 2D axial slice in RAS array axes (:func:`load_ras`).
         label: 2D ground-truth label slice.
         predictions: ``{network: {variant: 2D label slice}}``; one figure row per network.
         organs: names of labels 1..N (for the legend).
