@@ -30,8 +30,8 @@ What it does, in this order (every step is timed; a failing check is recorded an
    Work files (data, checkpoints) go to ``--work`` (default: a temporary folder).
 
 ``--tiny`` runs the same code on CPU at tiny size (2 networks x 2 variants x 2 folds, 4 features, 64x64, 1 epoch,
-synthetic CHAOS-MR phantoms, gloo): ``tests/test_gpu_script.py``. How to run it on the device machine, and what to
-carry there: ``docs/benchmarks.md``, section "Table 1 and the GPU checks on one H200".
+synthetic CHAOS-MR phantoms, gloo): ``tests/test_gpu_script.py``. How to run it on a GPU machine, and what to
+copy there: ``docs/benchmarks.md``, section "Table 1 and the GPU checks on one H200".
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ NUM_CLASSES = 5  # CHAOS MR: background, liver, right kidney, left kidney, splee
 #: the files that come back from the device machine (at most 8, flat)
 RESULT_FILES = ("results.csv", "per_case.csv", "seeds.csv", "results.md")
 TAR_NAME = "table1_extra.tar.gz"
-TAR_LIMIT = 15 * 2**20  # the device tool returns files of at most 16 MiB
+TAR_LIMIT = 15 * 2**20  # keeps the tar small enough for job runners that cap returned files (16 MiB)
 
 # ---------------------------------------------------------------------------------------------- budget
 # One H200, 16 CPU cores, 600 s per device command. The script stops itself at --budget-s (default 480 s) so the
@@ -871,7 +871,7 @@ def prepare_data(args, cfg: Config, work: Path, rec: Recorder) -> Path:
     datalist = Path(args.datalist or DEFAULT_DATALIST)
     if not datalist.is_file():
         raise SystemExit(
-            f"no prepared CHAOS datalist at {datalist}: carry prepared/chaos_mr_t2 (see docs/benchmarks.md), "
+            f"no prepared CHAOS datalist at {datalist}: copy prepared/chaos_mr_t2 there (see docs/benchmarks.md), "
             "pass --datalist, or --chaos-root with the raw CHAOS Train_Sets"
         )
     return datalist
