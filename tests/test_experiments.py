@@ -154,16 +154,24 @@ def test_compare_pairs_variants_by_patient(cmp, datalist: Path) -> None:
     assert "| unet |" in md and "95 % CI" in md and "0.763 / 0.857" in md
 
 
-def test_seed_rows_report_the_spread_between_seeds() -> None:
-    rows = []
-    for seed, shift in ((0, 0.0), (1, 0.1)):
-        for c in range(4):
-            rows.append({"case": f"c{c}", "seed": seed, **{f"dice_{o}": 0.5 + shift + 0.01 * c for o in ORGANS}})
-    out = _seed_rows({("unet", "none"): rows}, ORGANS)
-    assert [r["seed"] for r in out] == [0, 1]
+def test_seed_rows_report_the_spread_between_seeds_and_the_se_effect_within_a_seed() -> None:
+    def rows(shifts: dict[int, float]) -> list[dict]:
+        return [
+            {"case": f"c{c}", "seed": seed, **{f"dice_{o}": 0.5 + shift + 0.01 * c for o in ORGANS}}
+            for seed, shift in shifts.items()
+            for c in range(4)
+        ]
+
+    out = _seed_rows({("unet", "none"): rows({0: 0.0, 1: 0.1}), ("unet", "scse"): rows({0: 0.02, 1: 0.05})}, ORGANS)
+    assert [(r["variant"], r["seed"]) for r in out] == [("none", 0), ("none", 1), ("scse", 0), ("scse", 1)]
     assert out[0]["difference_vs_first_seed"] == 0.0
     assert out[1]["difference_vs_first_seed"] == pytest.approx(0.1)
     assert out[1]["mean_dice"] == pytest.approx(0.615)
+    assert out[3]["difference_vs_first_seed"] == pytest.approx(0.03)
+    # scSE against none trained with the same seed: +0.02 with seed 0, -0.05 with seed 1
+    assert out[2]["difference_vs_none_same_seed"] == pytest.approx(0.02)
+    assert out[3]["difference_vs_none_same_seed"] == pytest.approx(-0.05)
+    assert math.isnan(out[0]["difference_vs_none_same_seed"])
 
 
 def test_tables_use_only_the_patients_every_variant_has() -> None:

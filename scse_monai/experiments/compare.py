@@ -221,25 +221,37 @@ def _summary_rows(table, organs, variants, settings) -> list[dict]:
 
 
 def _seed_rows(rows_of: dict, organs: list[str]) -> list[dict]:
-    """Mean Dice per seed of each variant, and the paired difference of each seed against the first seed."""
+    """Per seed of each variant: mean Dice, the paired difference from the variant's first seed (the seed-to-seed
+    spread) and the paired difference from ``none`` trained with the same seed (the SE effect within one seed)."""
+    per_seed = {
+        key: {s: _per_patient([r for r in rows if int(r["seed"]) == s], organs) for s in {int(r["seed"]) for r in rows}}
+        for key, rows in rows_of.items()
+    }
+
+    def diff(a: dict, b: dict | None) -> dict:
+        cases = sorted(set(a) & set(b or {}))
+        if not cases:
+            return {"mean_difference": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+        return paired_difference([a[c]["mean"] for c in cases], [b[c]["mean"] for c in cases])
+
     out = []
-    for (net, variant), rows in rows_of.items():
-        seeds = sorted({int(r["seed"]) for r in rows})
-        per_seed = {s: _per_patient([r for r in rows if int(r["seed"]) == s], organs) for s in seeds}
-        first = per_seed[seeds[0]]
-        for s in seeds:
-            cases = sorted(set(per_seed[s]) & set(first))
-            d = paired_difference([per_seed[s][c]["mean"] for c in cases], [first[c]["mean"] for c in cases])
+    for (net, variant), seeds in per_seed.items():
+        for s in sorted(seeds):
+            vs_seed = diff(seeds[s], seeds[min(seeds)])
+            vs_none = diff(seeds[s], per_seed.get((net, BASELINE), {}).get(s)) if variant != BASELINE else None
             out.append(
                 {
                     "network": net,
                     "variant": variant,
                     "seed": s,
-                    "n_patients": len(per_seed[s]),
-                    "mean_dice": float(np.nanmean([v["mean"] for v in per_seed[s].values()])),
-                    "difference_vs_first_seed": d["mean_difference"],
-                    "ci_low": d["ci_low"],
-                    "ci_high": d["ci_high"],
+                    "n_patients": len(seeds[s]),
+                    "mean_dice": float(np.nanmean([v["mean"] for v in seeds[s].values()])),
+                    "difference_vs_first_seed": vs_seed["mean_difference"],
+                    "ci_low": vs_seed["ci_low"],
+                    "ci_high": vs_seed["ci_high"],
+                    f"difference_vs_{BASELINE}_same_seed": vs_none["mean_difference"] if vs_none else math.nan,
+                    f"ci_low_vs_{BASELINE}_same_seed": vs_none["ci_low"] if vs_none else math.nan,
+                    f"ci_high_vs_{BASELINE}_same_seed": vs_none["ci_high"] if vs_none else math.nan,
                 }
             )
     return out
@@ -332,15 +344,18 @@ def _markdown(rows, seed_rows, organs, variants, settings: BundleSettings, figs)
         )
     lines += [
         "",
-        "## Seeds (mean Dice over organs per seed; difference vs the first seed, paired)",
+        "## Seeds: the seed-to-seed spread next to the SE effect (mean Dice over organs, paired by patient)",
         "",
-        "| network | variant | seed | mean Dice | difference | 95 % CI |",
-        "|---|---|---:|---:|---:|---|",
+        f"| network | variant | seed | mean Dice | vs first seed (95 % CI) | vs `{BASELINE}`, same seed (95 % CI) |",
+        "|---|---|---:|---:|---|---|",
     ]
     for s in seed_rows:
+        k = f"_vs_{BASELINE}_same_seed"
+        same = f"{s['difference' + k]:+.4f} [{s['ci_low' + k]:+.4f}, {s['ci_high' + k]:+.4f}]"
         lines.append(
             f"| {s['network']} | {s['variant']} | {s['seed']} | {fmt(s['mean_dice'])} | "
-            f"{s['difference_vs_first_seed']:+.4f} | [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] |"
+            f"{s['difference_vs_first_seed']:+.4f} [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] | "
+            f"{same if math.isfinite(s['difference' + k]) else '—'} |"
         )
     lines += ["", "## Per organ (mean ± std)", ""]
     lines += ["| network | variant | " + " | ".join(o.replace("_", " ") for o in organs) + " | parameters |"]
