@@ -45,6 +45,10 @@ METRIC_NAMES: tuple[str, ...] = ("dice", "jaccard")
 _EXACT_FLOAT32_COUNT = 1 << 24
 
 
+#: voxels per case counted at a time from label maps
+_COUNT_CHUNK = 1 << 18
+
+
 def _count_ones(indicator: torch.Tensor) -> torch.Tensor:
     """Exact int64 count of the ones in a 1-D float32 0/1 map."""
     n = indicator.shape[0]
@@ -216,13 +220,18 @@ class SegmentationCountsMetric(CumulativeIterationMetric):
         # One scatter_add_ into a per-case C x C confusion matrix: a single pass over the voxels instead of C
         # comparisons (and no one-hot expansion, which MONAI's DiceMetric needs). torch.bincount is avoided
         # because on CUDA it synchronises with the host to size its output.
+        # The voxels are taken in slices of _COUNT_CHUNK per case: each slice's index map is reused from cache,
+        # where one batch-sized map would be freshly allocated and paged in on every call (docs/benchmarks.md).
         b, c = pred.shape[0], self.num_classes
         self._check_range(pred)
         self._check_range(target)
-        idx = torch.add(pred, target, alpha=c)  # target * C + pred
-        idx.clamp_(0, c * c - 1)  # keeps the scatter in bounds; out-of-range labels make compute() raise anyway
         cm = torch.zeros(b, c * c, dtype=torch.int64, device=pred.device)
-        cm.scatter_add_(1, idx, torch.ones(1, 1, dtype=torch.int64, device=pred.device).expand_as(idx))
+        one = torch.ones(1, 1, dtype=torch.int64, device=pred.device)
+        for start in range(0, pred.shape[1], _COUNT_CHUNK):
+            stop = start + _COUNT_CHUNK
+            idx = torch.add(pred[:, start:stop], target[:, start:stop], alpha=c)  # target * C + pred
+            idx.clamp_(0, c * c - 1)  # keeps the scatter in bounds; out-of-range labels make compute() raise anyway
+            cm.scatter_add_(1, idx, one.expand_as(idx))
         cm = cm.view(b, c, c)  # [case, target class, predicted class]
         return torch.stack([cm.diagonal(dim1=1, dim2=2), cm.sum(1), cm.sum(2)], dim=-1)
 

@@ -119,6 +119,19 @@ def test_one_hot_counts_nonzero_entries_exactly_in_slices(monkeypatch):
         np.testing.assert_array_equal(counts.numpy(), expected)
 
 
+@pytest.mark.parametrize("slice_length", [1 << 18, 720, 7])
+def test_label_maps_are_counted_exactly_in_slices(monkeypatch, slice_length):
+    # label maps are counted slice by slice (720 voxels per case here: one whole slice; 7: many, the last partial)
+    from scse_monai import metrics
+
+    monkeypatch.setattr(metrics, "_COUNT_CHUNK", slice_length)
+    p, y = _labels(11)
+    m = SegmentationCountsMetric(C, include_background=True)
+    m(p, y)
+    expected = _numpy_counts(p.numpy()[:, 0], y.numpy()[:, 0], C)
+    np.testing.assert_array_equal(m.results()["counts"].numpy(), expected)
+
+
 def test_absent_classes_give_nan_per_case():
     # case 0: class 2 absent from prediction and target; class 3 predicted but absent from target
     y = torch.tensor([[[[0, 1, 1, 0]]], [[[2, 2, 1, 0]]]])
