@@ -13,7 +13,7 @@ From them it derives
 
 Why not ``monai.metrics.DiceMetric``: it needs one-hot ``(B, C, ...)`` float inputs (or expands label maps to
 them internally), stores per-case *scores* rather than counts (so no pooled Dice), and has no Jaccard. Counting
-label maps directly is a single ``scatter_add_`` over a ``B x C x C`` confusion matrix (timings against
+label maps directly is a ``scatter_add_`` into a ``B x C x C`` confusion matrix (timings against
 ``DiceMetric``: ``docs/benchmarks.md``), and the counts stay on the input's device until :meth:`compute`: there is
 no ``.item()`` / ``.cpu()`` (no host synchronisation) per update.
 
