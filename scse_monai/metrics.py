@@ -220,8 +220,8 @@ class SegmentationCountsMetric(CumulativeIterationMetric):
         # One scatter_add_ into a per-case C x C confusion matrix: a single pass over the voxels instead of C
         # comparisons (and no one-hot expansion, which MONAI's DiceMetric needs). torch.bincount is avoided
         # because on CUDA it synchronises with the host to size its output.
-        # The voxels are taken in slices of _COUNT_CHUNK per case: each slice's index map is reused from cache,
-        # where one batch-sized map would be freshly allocated and paged in on every call (docs/benchmarks.md).
+        # The voxels are taken _COUNT_CHUNK per case at a time: the int64 index map stays at 2 MiB per case, where a
+        # batch-sized one takes 8 bytes per voxel (2.5 GiB for four 512x512x300 CT volumes) and is paged in anew.
         b, c = pred.shape[0], self.num_classes
         self._check_range(pred)
         self._check_range(target)
