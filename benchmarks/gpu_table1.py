@@ -87,7 +87,7 @@ TAR_LIMIT = 15 * 2**20  # keeps the tar small enough for job runners that cap re
 #   ~150 TFLOP/s (fp16 AMP, deterministic cuDNN as the bundle's set_determinism asks, BN/ReLU/SE memory-bound)
 #   that is ~0.15 / 0.08 / 0.25 s per epoch and ~7.7 s per epoch of all 48 runs, ~10 s with time-slicing between
 #   12 processes, plus validation every 10 epochs and held-out inference (~+20 %).
-#   -> epochs = (345 - 140) / (10 x 1.2) ~ 17. The bundle's own recipe is 80 epochs; this fits ~1/5 of it.
+#   -> epochs = (345 - 140) / (10 x 1.2) ~ 17. The bundle's own recipe is 120 epochs; this fits ~1/7 of it.
 # --epochs auto (the default at full size) does this arithmetic with the iteration times measured by the
 # throughput check instead of the assumed 150 TFLOP/s (``_auto_epochs``), clamped to [8, 80]; without a
 # measurement it uses FALLBACK_EPOCHS. If the trainings still run past the window, they are stopped and the report

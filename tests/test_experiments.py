@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from scse_monai.experiments import bootstrap_ci, compare, crossval, make_folds, 
 from scse_monai.experiments.__main__ import main
 from scse_monai.experiments.compare import _common_patients, _seed_rows
 from scse_monai.experiments.heldout import score_case
+from scse_monai.experiments.setup import ExperimentError, bundle_settings, default_bundle_root, open_experiment
 
 TINY_SET = {"features": 4, "roi_size": [64, 64], "pixdim": [-1.0, -1.0, -1.0], "val_interval": 2}
 ORGANS = ["liver", "right_kidney", "left_kidney", "spleen"]
@@ -222,6 +224,22 @@ def test_score_case_dice_hd95_and_volume() -> None:
     assert math.isnan(score_case(pred, label, (1.0, 1.0, 1.0), ["liver", "spleen"])["dice_spleen"])
     with pytest.raises(ValueError, match="shape"):
         score_case(pred[..., :5], label, (1.0, 1.0, 1.0), ["liver", "spleen"])
+
+
+def test_the_bundle_default_epochs_are_recorded_so_a_changed_default_cannot_resume(tmp_path: Path, datalist) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle_root() / "configs", bundle / "configs")
+    train = bundle / "configs" / "train.json"
+    own = json.loads(train.read_text())["epochs"]
+    settings, folded = bundle_settings(datalist, 2, None, None, None, None, bundle)
+    assert settings.epochs == own and settings.record()["epochs"] == own
+    out = tmp_path / "out"
+    open_experiment(out, {"kind": "crossval", **settings.record()}, settings, folded)
+    train.write_text(train.read_text().replace(f'"epochs": {own},', f'"epochs": {own + 7},'))
+    settings, folded = bundle_settings(datalist, 2, None, None, None, None, bundle)
+    assert settings.epochs == own + 7
+    with pytest.raises(ExperimentError, match=f"epochs: {own} -> {own + 7}"):
+        open_experiment(out, {"kind": "crossval", **settings.record()}, settings, folded)
 
 
 def test_folds_stay_patient_level(tmp_path: Path, datalist: Path) -> None:

@@ -99,7 +99,7 @@ def run_all(runs: list[Run], settings: BundleSettings, folded: dict, log_path: P
     """
     import torch
 
-    epochs = settings.epochs or int(settings.bundle_value("epochs"))
+    epochs = settings.epochs
     trained = skipped = 0
     bar = tqdm(runs, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     with open(log_path, "a", encoding="utf-8") as log:

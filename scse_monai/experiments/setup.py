@@ -102,7 +102,8 @@ def bundle_settings(
     """Checks the arguments and folds the datalist by patient; writes nothing.
 
     Returns:
-        the run settings (``datalist_file`` is set by :func:`open_experiment`) and the folded datalist.
+        the run settings (``epochs`` is the bundle's when not given; ``datalist_file`` is set by
+        :func:`open_experiment`) and the folded datalist.
 
     Raises:
         ExperimentError: an argument is invalid.
@@ -128,7 +129,10 @@ def bundle_settings(
         if not isinstance(key, str) or not key or key.startswith("#"):
             raise ExperimentError(f"--set: bad bundle id {key!r}")
         overrides[key] = value
-    return BundleSettings(bundle_root, Path(), epochs, overrides, extra, str(datalist)), folded
+    settings = BundleSettings(bundle_root, Path(), epochs, overrides, extra, str(datalist))
+    if epochs is None:  # recorded as a number, so a resume cannot follow a changed bundle default
+        settings.epochs = int(settings.bundle_value("epochs"))
+    return settings, folded
 
 
 def open_experiment(out: str | Path, record: dict, settings: BundleSettings, folded: dict) -> tuple[Path, dict]:
