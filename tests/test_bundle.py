@@ -405,7 +405,7 @@ def test_onnx_export_matches_the_network(tmp_path: Path) -> None:
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     onnx_path = tmp_path / "model.onnx"
-    shape = [1, parser.get_parsed_content("network_def#in_channels"), 64, 64]
+    shape = [1, parser.get_parsed_content("member_def#in_channels"), 64, 64]
     res = _export_cli("onnx_export", onnx_path, ckpt, "--use_trace", "True", "--input_shape", json.dumps(shape))
     assert res.returncode == 0, res.stderr[-3000:]
     x = torch.randn(*shape)
@@ -455,7 +455,7 @@ def test_shipped_weights_are_consistent() -> None:
     assert pt.stat().st_size < 25e6 and ts.stat().st_size < 25e6
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    parser["device"] = "$torch.device('cpu')"
+    parser.update({"bundle_root": str(BUNDLE), "device": "$torch.device('cpu')"})  # model.pt says how many networks
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True), strict=True)
     net.eval()
@@ -473,7 +473,7 @@ def test_shipped_weights_are_consistent() -> None:
     }, "re-export model.ts (README: ckpt_export)"
     embedded, today = json.loads(extra["metadata.json"]), json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     assert embedded["network_data_format"] == today["network_data_format"], "re-export model.ts (README: ckpt_export)"
-    x = torch.rand(1, parser.get_parsed_content("network_def#in_channels"), 96, 80)
+    x = torch.rand(1, parser.get_parsed_content("member_def#in_channels"), 96, 80)
     with torch.no_grad():
         assert torch.allclose(scripted(x), net(x), atol=1e-5)
 

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 
+from scse_monai.networks import ensemble_size
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 LABEL_PY = REPO / ".venv-label" / "bin" / "python"
@@ -270,12 +272,20 @@ def test_train_one_epoch_writes_a_checkpoint(server):
     epoch_ckpt = models / "checkpoint_epoch=1.pt"
     assert epoch_ckpt.exists(), sorted(p.name for p in models.iterdir())
     assert (models / "model.pt").stat().st_mtime_ns != before["model.pt"], "best-metric model.pt not rewritten"
-    expected = set(_network(server["bundle"]).get_parsed_content("network_def").state_dict())
+    expected = set(_network(server["bundle"]).get_parsed_content("member_def").state_dict())
     state = torch.load(models / "model.pt", weights_only=True)
     state = state.get("model", state)
-    assert set(state) == expected
+    assert set(state) == expected  # one network, fine-tuned from the first of the shipped ensemble
     assert not any(p.name.endswith(".partial") for p in models.iterdir())
-    assert "Fine-tuning on 1 labelled images" in server["log"].read_text()
+    log = server["log"].read_text()
+    assert "Fine-tuning on 1 labelled images" in log
+    if ensemble_size(server["bundle"] / "models" / "model.pt") > 1:
+        assert "holds an ensemble: fine-tuning its first network" in log
+
+    # the server now serves the fine-tuned network: network_def is rebuilt for a model.pt of one network
+    image_id = sorted(server["studies"].glob("chaos_*.nii.gz"))[-1].name[: -len(".nii.gz")]
+    status, body = _request(f"{server['url']}/infer/{MODEL}?image={image_id}&output=image", method="POST")
+    assert status == 200, body[-2000:]
 
 
 def _nifti_bytes(tmp: Path, array: np.ndarray) -> bytes:

@@ -83,7 +83,9 @@ def _inference(run: Run, settings: BundleSettings):
     parser = ConfigParser()
     cfg = Path(settings.bundle_root) / "configs"
     parser.read_config([str(cfg / "inference.json"), *(str(cfg / e) for e in settings.extra_configs)])
-    parser.update(run.overrides(settings))
+    overrides = run.overrides(settings)
+    overrides["member_def#_target_"] = overrides.pop("network_def#_target_")  # inference.json's one network
+    parser.update(overrides)
     ckpt = latest_checkpoint(run.folder / "models")
     if ckpt is None:
         raise FileNotFoundError(f"{run.folder / 'models'}: no checkpoint to evaluate")

@@ -1,4 +1,7 @@
-"""SE segmentation networks (SE-UNet, SE-SDNet, SE-FCDenseNet), their registry, and ``add_se`` for MONAI nets."""
+"""SE segmentation networks (SE-UNet, SE-SDNet, SE-FCDenseNet), their registry, ``add_se`` for MONAI nets, and
+mean-softmax ensembles."""
+
+import importlib
 
 from scse_monai.networks.encoder_decoder import SEEncoderDecoder
 from scse_monai.networks.registry import NETWORKS, get_network, network_class, network_target
@@ -8,6 +11,7 @@ from scse_monai.networks.se_sdnet import SESDNet
 from scse_monai.networks.se_unet import SEUNet
 
 __all__ = [
+    "MeanSoftmaxEnsemble",
     "NETWORKS",
     "SUPPORTED_MODELS",
     "SEEncoderDecoder",
@@ -15,19 +19,34 @@ __all__ = [
     "SESDNet",
     "SEUNet",
     "add_se",
+    "combine_checkpoints",
     "count_parameters",
+    "ensemble_size",
     "format_parameter_table",
     "get_network",
+    "mean_softmax_ensemble",
+    "member_state",
     "network_class",
     "network_target",
     "parameter_table",
 ]
 
 
-def __getattr__(name: str):
-    # imported lazily so that `python -m scse_monai.networks.params` does not import the module twice
-    if name in ("count_parameters", "format_parameter_table", "parameter_table"):
-        from scse_monai.networks import params
+_LAZY = {
+    "params": ("count_parameters", "format_parameter_table", "parameter_table"),
+    "ensemble": (
+        "MeanSoftmaxEnsemble",
+        "combine_checkpoints",
+        "ensemble_size",
+        "mean_softmax_ensemble",
+        "member_state",
+    ),
+}
 
-        return getattr(params, name)
+
+def __getattr__(name: str):
+    # imported lazily so that `python -m scse_monai.networks.<module>` does not import that module twice
+    for module, names in _LAZY.items():
+        if name in names:
+            return getattr(importlib.import_module(f"scse_monai.networks.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

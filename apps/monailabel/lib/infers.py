@@ -18,8 +18,10 @@ from monai.inferers import Inferer
 from monai.transforms import Compose, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+from torch.nn import Module
 
 from scse_monai.apps.organs import organ_labels
+from scse_monai.networks import ensemble_size
 
 from .workspace import read_metadata
 
@@ -34,6 +36,8 @@ class BundleSegmentationInferTask(BasicInferTask):
     Reported to clients as ``dimension=3``: the bundle consumes and returns volumes even though the network is 2D.
     Labels are the organ names of ``metadata.json`` ``channel_def`` (lower case, without background). Weights are
     loaded strictly, so a checkpoint that does not fit ``network_def`` fails instead of running half-initialised.
+    ``network_def`` is rebuilt when ``model.pt`` changes its number of networks (fine-tuning replaces the shipped
+    ensemble by one network).
 
     Args:
         bundle_dir: bundle folder (the app's workspace copy).
@@ -54,7 +58,7 @@ class BundleSegmentationInferTask(BasicInferTask):
         )
         super().__init__(
             path=str(self.bundle_dir / "models" / "model.pt"),
-            network=self.parser.get_parsed_content("network_def", instantiate=True),
+            network=self._network_def(),
             type=InferType.SEGMENTATION,
             labels={name: value for value, name in organ_labels(metadata).items()},
             dimension=3,
@@ -65,6 +69,22 @@ class BundleSegmentationInferTask(BasicInferTask):
             preload=preload,
         )
         self.version = metadata.get("version")
+
+    def _network_def(self) -> Module:
+        # a parser of its own: re-resolving the shared one would re-create the preprocessing that Invertd inverts
+        parser = ConfigParser()
+        parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
+        parser["bundle_root"] = str(self.bundle_dir)
+        self._size = parser.get_parsed_content("ensemble_size")
+        return parser.get_parsed_content("network_def")
+
+    def _get_network(self, device, data):
+        path = self.get_path()
+        if path and ensemble_size(path) != self._size:
+            logger.info(f"{path} now holds {ensemble_size(path)} network(s); rebuilding network_def")
+            self.network = self._network_def()
+            self._networks.clear()
+        return super()._get_network(device, data)
 
     def _without_image_prefixed_strings(self, data: dict, run: Callable[[dict], dict]) -> dict:
         # MONAI 1.6's Spacingd copies the image's meta into every "<key>_*" entry of the data dict that it takes

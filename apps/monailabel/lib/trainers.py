@@ -14,9 +14,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.tasks.train.bundle import BundleTrainTask
+
+from scse_monai.atomic import write_atomically
+from scse_monai.networks import ensemble_size, member_state
 
 from .workspace import read_metadata
 
@@ -31,9 +35,10 @@ class BundleSegmentationTrainTask(BundleTrainTask):
     The loss's median-frequency class weights come from the labelled images (a ``datalist.json`` with their
     ``class_voxel_counts`` and the metadata's class names is written into the workspace), never from the
     bundle's default synthetic data set; resuming from older epoch checkpoints is off, because every request
-    is a new fine-tuning run.
+    is a new fine-tuning run. The served weights load strictly: weights that do not fit fail the request.
     Checkpoints are written into the workspace's ``models/``: the best-metric one replaces ``model.pt``, which
-    the infer task then reloads.
+    the infer task then reloads. When ``model.pt`` holds an ensemble (the shipped weights), its first network is
+    fine-tuned, and the fine-tuned ``model.pt`` holds that one network.
 
     Args:
         bundle_dir: bundle folder (the app's workspace copy).
@@ -45,7 +50,7 @@ class BundleSegmentationTrainTask(BundleTrainTask):
     """
 
     def __init__(self, bundle_dir: str | Path, conf: dict[str, str], num_classes: int = 5):
-        super().__init__(str(bundle_dir), conf)
+        super().__init__(str(bundle_dir), conf, load_strict=True)  # weights that do not fit fail, not skip
         self.num_classes = num_classes
 
     def config(self) -> dict:
@@ -80,6 +85,14 @@ class BundleSegmentationTrainTask(BundleTrainTask):
                 )
             counts += np.bincount(label, minlength=self.num_classes)
         return {str(k): int(v) for k, v in enumerate(counts)}
+
+    def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
+        if pretrained and os.path.exists(model_pytorch) and ensemble_size(model_pytorch) > 1:
+            first = Path(self.bundle_path) / "monailabel_train" / "pretrained_network_0.pt"
+            write_atomically(first, lambda tmp: torch.save(member_state(model_pytorch, 0), tmp))
+            logger.info(f"{model_pytorch} holds an ensemble: fine-tuning its first network")
+            model_pytorch = str(first)
+        super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
 
     def _update_overrides(self, overrides: dict) -> dict:
         train_items = overrides[self.const.key_train_dataset_data()]
