@@ -271,6 +271,7 @@ def test_folds_stay_patient_level(tmp_path: Path, datalist: Path) -> None:
         ("compare", ["--recipe", "fast"], "fast"),
         ("compare", ["--seeds", "1,1"], "--seeds"),
         ("crossval", ["--dataset-config", "nope"], "nope"),
+        ("crossval", ["--ensemble"], "two or more --seeds"),
     ],
 )
 def test_invalid_arguments_exit_2_without_output(tmp_path: Path, datalist: Path, capsys, command, args, message):
@@ -331,3 +332,40 @@ def test_overlays_show_the_patients_right_anterior_corner_top_left(tmp_path: Pat
     shown = _radiological(load_ras(path)[..., 1])
     assert shown.shape == (5, 6)
     assert shown[0, 0] == 1 and shown.sum() == 1
+
+
+@pytest.mark.slow
+def test_crossval_ensemble_scores_each_fold_with_the_mean_softmax_of_its_seeds(cv, datalist: Path, tmp_path) -> None:
+    """Seed 1 is a copy of seed 0 whose classifier says "spleen" with certainty: the ensemble's mean probability of
+    spleen is then >= 0.5 everywhere, so it labels every voxel spleen, which seed 0 alone does not."""
+    out = tmp_path / "out"
+    shutil.copytree(cv[0], out)
+    seed0, seed1 = out / "runs" / "unet_scse" / "seed0", out / "runs" / "unet_scse" / "seed1"
+    shutil.copytree(seed0, seed1)
+    for ckpt in seed1.glob("fold*/models/checkpoint_epoch=1.pt"):
+        state = torch.load(ckpt, weights_only=True)
+        state["model"]["classifier.weight"].zero_()
+        state["model"]["classifier.bias"].copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 50.0]))
+        torch.save(state, ckpt)
+    result = crossval(datalist, out, folds=2, seeds=(0, 1), epochs=1, bundle_overrides=TINY_SET, progress=False,
+                      ensemble=True)  # fmt: skip
+    assert result["trained"] == 0 and result["ensemble"]["n_patients"] == 4
+    ens = out / "ensemble"
+    for name in ["crossval.md", "crossval_per_patient.csv", "crossval_summary.csv", "crossval_dice_boxplot.png"]:
+        assert (ens / name).stat().st_size > 100, name
+    assert "ensemble of seeds [0, 1]" in (ens / "crossval.md").read_text()
+    rows = _rows(ens / "crossval_per_patient.csv")
+    assert sorted(r["case"] for r in rows) == sorted(_folds(out))
+    import nibabel as nib
+
+    for r in rows:
+        assert all(_f(r[f"volume_ratio_{o}"]) == 0 for o in ORGANS[:-1]), r
+        pred = np.asarray(nib.load(ens / "runs" / "unet_scse" / "seed0" / f"fold{r['fold']}" / "eval" / "pred" /
+                                   f"{r['case']}.nii.gz").dataobj)  # fmt: skip
+        alone = np.asarray(nib.load(seed0 / f"fold{r['fold']}" / "eval" / "pred" / f"{r['case']}.nii.gz").dataobj)
+        assert (pred == 4).all() and not (alone == 4).all()
+    scored = sorted(ens.glob("runs/unet_scse/seed0/fold*/eval/heldout.csv"))
+    before = [p.stat().st_mtime_ns for p in scored]
+    again = crossval(datalist, out, folds=2, seeds=(0, 1), epochs=1, bundle_overrides=TINY_SET, progress=False,
+                     ensemble=True)  # fmt: skip
+    assert again["trained"] == 0 and [p.stat().st_mtime_ns for p in scored] == before  # scored folds are kept

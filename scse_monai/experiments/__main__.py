@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cv)
     cv.add_argument("--network", choices=list(NETWORKS), default="unet")
     cv.add_argument("--se", choices=list(SE_LAYER_NAMES), default="scse")
+    cv.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="also score each fold's mean-softmax ensemble of the seeds (as shipped); report in OUT/ensemble/",
+    )
     c = sub.add_parser("compare", help="compare SE variants, paired by patient (resumable)")
     _common(c)
     c.add_argument("--networks", type=_csv_list, default=["unet"], help=",".join(NETWORKS))
@@ -91,9 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         if args.command == "crossval":
-            result = crossval(network=args.network, se=args.se, **common)
+            result = crossval(network=args.network, se=args.se, ensemble=args.ensemble, **common)
             print(f"trained {result['trained']} folds, skipped {result['skipped']} finished folds")
-            print(f"written: {result['md']}, {result['per_patient_csv']}, {result['summary_csv']}")
+            for r in (result, result.get("ensemble")) if args.ensemble else (result,):
+                print(f"written: {r['md']}, {r['per_patient_csv']}, {r['summary_csv']}")
+            result["figures"] += result["ensemble"]["figures"] if args.ensemble else []
         else:
             result = compare(
                 networks=args.networks,

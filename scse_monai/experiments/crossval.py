@@ -12,6 +12,8 @@ Output folder layout::
     OUT/crossval_per_patient.csv               seed, fold, case, dice_*, hd95_*, volume_ratio_* per patient
     OUT/crossval.md, OUT/crossval_summary.csv  per organ mean ± std, median volume ratio
     OUT/crossval_dice_boxplot.png, OUT/worst_<case>.png
+    OUT/ensemble/                              with --ensemble: the same report for each fold's mean-softmax
+                                               ensemble of the seeds (runs/<net>_<se>/seed<first>/fold<k>/eval)
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def crossval(
     bundle_overrides: dict | None = None,
     bundle_root: str | Path | None = None,
     progress: bool = True,
+    ensemble: bool = False,
 ) -> dict:
     """Trains every (seed, fold) through the bundle, scores the held-out patients, writes the report.
 
@@ -70,9 +73,12 @@ def crossval(
         bundle_overrides: other bundle ids for every run, e.g. ``{"features": 16}``.
         bundle_root: the bundle folder (default: the repository's ``bundle/``).
         progress: show a progress bar over runs.
+        ensemble: also score each fold's mean-softmax ensemble of the seeds' networks (two or more seeds), as
+            the shipped bundle predicts, and report it under ``OUT/ensemble/``.
 
     Returns:
-        ``{"per_patient_csv", "summary_csv", "md", "figures", "trained", "skipped", "summary"}``.
+        ``{"per_patient_csv", "summary_csv", "md", "figures", "trained", "skipped", "summary"}``, and
+        ``"ensemble"``: the ensemble's report (the same keys but the counts) when ``ensemble`` is set.
 
     Example::
 
@@ -82,6 +88,8 @@ def crossval(
     if network not in NETWORKS or se not in SE_LAYER_NAMES:
         raise ExperimentError(f"--network {network!r} / --se {se!r}: not in {list(NETWORKS)} / {SE_LAYER_NAMES}")
     seeds = check_seeds(seeds)
+    if ensemble and len(seeds) < 2:
+        raise ExperimentError(f"--ensemble needs two or more --seeds, got {seeds}")
     settings, folded = bundle_settings(datalist, folds, epochs, dataset_config, None, bundle_overrides, bundle_root)
     record = {"kind": "crossval", "folds": folds, "network": network, "se": se, **settings.record()}
     out, folded = open_experiment(out, record, settings, folded)
@@ -89,7 +97,28 @@ def crossval(
     trained, skipped = run_all(runs, settings, folded, out / "crossval.log", progress)
     result = report(out, runs, folded)
     result.update({"trained": trained, "skipped": skipped})
+    if ensemble:
+        members = score_ensembles(out / "ensemble", runs, settings, folded, progress)
+        result["ensemble"] = report(out / "ensemble", members, folded, f"mean-softmax ensemble of seeds {seeds}")
     return result
+
+
+def score_ensembles(out: Path, runs: list[Run], settings: BundleSettings, folded: dict, progress: bool) -> list[Run]:
+    """Scores, per fold whose seeds have all finished, the mean-softmax ensemble of their last-epoch networks.
+
+    Each ensemble is scored like one run, in ``out/runs/`` under the first seed's name; a scored fold is skipped.
+    """
+    scored = []
+    for fold in sorted({r.fold for r in runs}):
+        members = [r for r in runs if r.fold == fold]
+        if not all(r.finished for r in members):
+            continue
+        first = members[0]
+        ens = Run(first.network, first.se, first.aggregation, fold, out / "runs", first.kernel_size, first.seed)
+        if not ens.finished:
+            score_heldout(ens, settings, folded, progress, members=members)
+        scored.append(ens)
+    return scored
 
 
 def run_all(runs: list[Run], settings: BundleSettings, folded: dict, log_path: Path, progress: bool) -> tuple[int, int]:
@@ -127,8 +156,10 @@ def _note(log, msg: str) -> None:
     log.flush()
 
 
-def report(out: Path, runs: list[Run], folded: dict) -> dict:
-    """Per-patient CSV, summary CSV and markdown, Dice box plot and overlays of the 3 worst patients."""
+def report(out: Path, runs: list[Run], folded: dict, predictor: str = "") -> dict:
+    """Per-patient CSV, summary CSV and markdown, Dice box plot and overlays of the 3 worst patients.
+
+    ``predictor`` names what predicted when it is not each run's own network (e.g. an ensemble of seeds)."""
     organs = organ_keys(folded)
     rows = [r for run in runs if run.finished for r in read_heldout(run.heldout_csv)]
     for r in rows:
@@ -146,7 +177,7 @@ def report(out: Path, runs: list[Run], folded: dict) -> dict:
         }
         figs.append(figures.dice_boxplot(table, organs, "cross-validated Dice", out / "crossval_dice_boxplot.png"))
         figs += _worst_overlays(out, runs, rows, folded, organs)
-    md = _markdown(rows, summary, organs, runs, figs)
+    md = _markdown(rows, summary, organs, runs, figs, predictor)
     write_text_atomic(out / "crossval.md", md)
     return {
         "per_patient_csv": str(out / "crossval_per_patient.csv"),
@@ -230,14 +261,17 @@ def _worst_overlays(out: Path, runs: list[Run], rows: list[dict], folded: dict, 
     return paths
 
 
-def _markdown(rows: list[dict], summary: list[dict], organs: list[str], runs: list[Run], figs: list[Path]) -> str:
+def _markdown(
+    rows: list[dict], summary: list[dict], organs: list[str], runs: list[Run], figs: list[Path], predictor: str = ""
+) -> str:
     seeds = sorted({r.seed for r in runs})
     done = sum(r.finished for r in runs)
+    by = f"the {predictor} (rows carry the first seed)" if predictor else "the last-epoch weights"
     lines = [
-        "# Cross-validation",
+        f"# Cross-validation{': ' + predictor if predictor else ''}",
         "",
         f"{len({r['case'] for r in rows})} held-out patients, {done} of {len(runs)} folds finished "
-        f"(seeds {seeds}); every patient predicted by the last-epoch weights of the fold that held it out, "
+        f"(seeds {seeds}); every patient predicted by {by} of the fold that held it out, "
         "scored on the original grid.",
         "",
         "| organ | Dice mean ± std | min | HD95 mean (mm) | HD95 median (mm) | median volume pred/true |",

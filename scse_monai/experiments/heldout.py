@@ -4,6 +4,7 @@ The prediction is the bundle's own inference (``inference.json``: preprocessing,
 back to the input grid, largest component per organ), with the fold's **last-epoch** weights. It is scored on
 the original grid against the original label file (not a resampled copy): Dice, HD95 in mm (MONAI's
 ``compute_hausdorff_distance``, percentile 95, the file's voxel spacing) and predicted / true organ volume.
+Several runs of one fold (seeds) can be scored as their mean-softmax ensemble, as the shipped bundle predicts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from scse_monai.atomic import write_bytes_atomic, write_text_atomic
 from scse_monai.checkpoints import latest_checkpoint
 from scse_monai.data.datalist import case_name
 from scse_monai.experiments.runs import BundleSettings, Run
+from scse_monai.networks import MeanSoftmaxEnsemble
 
 __all__ = ["case_name", "organ_keys", "read_heldout", "score_case", "score_heldout"]
 
@@ -74,24 +77,28 @@ def score_case(pred: torch.Tensor, label: torch.Tensor, spacing, organs: list[st
     return out
 
 
-def _inference(run: Run, settings: BundleSettings):
-    """The bundle's inference preprocessing, inferer and postprocessing (without saving), and the fold's network
-    as ``train.json`` built it, with its last-epoch weights, on the bundle's ``device`` (a GPU when there is one)."""
+def _inference(runs: Sequence[Run], settings: BundleSettings):
+    """The bundle's inference preprocessing, inferer and postprocessing (without saving), and the runs' networks
+    as ``train.json`` built them, with their last-epoch weights (a mean-softmax ensemble of several), on the
+    bundle's ``device`` (a GPU when there is one)."""
     from monai.bundle import ConfigParser
     from monai.transforms import Compose, SaveImaged
 
     parser = ConfigParser()
     cfg = Path(settings.bundle_root) / "configs"
     parser.read_config([str(cfg / "inference.json"), *(str(cfg / e) for e in settings.extra_configs)])
-    overrides = run.overrides(settings)
+    overrides = runs[0].overrides(settings)
     overrides["member_def#_target_"] = overrides.pop("network_def#_target_")  # inference.json's one network
     parser.update(overrides)
-    ckpt = latest_checkpoint(run.folder / "models")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run.folder / 'models'}: no checkpoint to evaluate")
+    nets = []
+    for run in runs:
+        ckpt = latest_checkpoint(run.folder / "models")
+        if ckpt is None:
+            raise FileNotFoundError(f"{run.folder / 'models'}: no checkpoint to evaluate")
+        nets.append(run.build_network(settings))
+        nets[-1].load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+    net = nets[0] if len(nets) == 1 else MeanSoftmaxEnsemble(nets)
     device = torch.device(parser.get_parsed_content("device"))
-    net = run.build_network(settings)
-    net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
     post = parser.get_parsed_content("postprocessing")
     post = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])
     inferer = parser.get_parsed_content("inferer")
@@ -107,10 +114,19 @@ def _save_label(path: Path, seg: np.ndarray, affine: np.ndarray) -> None:
     write_bytes_atomic(path, gzip.compress(nib.Nifti1Image(seg.astype(np.uint8), affine).to_bytes(), 6))
 
 
-def score_heldout(run: Run, settings: BundleSettings, folded: dict, progress: bool = False) -> Path:
+def score_heldout(
+    run: Run, settings: BundleSettings, folded: dict, progress: bool = False, members: Sequence[Run] = ()
+) -> Path:
     """Predicts and scores every held-out patient of ``run``'s fold; writes ``eval/heldout.csv`` last.
 
     The predictions are kept as ``eval/pred/<case>.nii.gz`` (uint8, the label file's grid) for figures.
+
+    Args:
+        run: the fold's run; its folder receives ``eval/``.
+        settings: the experiment's bundle settings.
+        folded: the experiment's datalist (patients and folds).
+        progress: show a progress bar over patients.
+        members: runs of the same fold whose mean-softmax ensemble predicts instead of ``run``'s own network.
 
     Returns:
         the CSV's path.
@@ -118,7 +134,7 @@ def score_heldout(run: Run, settings: BundleSettings, folded: dict, progress: bo
     from monai.transforms import LoadImage
 
     organs = organ_keys(folded)
-    pre, inferer, post, net = _inference(run, settings)
+    pre, inferer, post, net = _inference(list(members) or [run], settings)
     load = LoadImage(image_only=True, ensure_channel_first=True)
     items = sorted((i for i in folded["training"] if int(i["fold"]) == run.fold), key=lambda i: i["image"])
     rows = []
