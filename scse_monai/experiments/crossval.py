@@ -270,8 +270,8 @@ def _markdown(
     lines = [
         f"# Cross-validation{': ' + predictor if predictor else ''}",
         "",
-        f"{len({r['case'] for r in rows})} held-out patients, {done} of {len(runs)} folds finished "
-        f"(seeds {seeds}); every patient predicted by {by} of the fold that held it out, "
+        f"{len({r['case'] for r in rows})} held-out patients, {done} of {len(runs)} folds finished"
+        f"{'' if predictor else f' (seeds {seeds})'}; every patient predicted by {by} of the fold that held it out, "
         "scored on the original grid.",
         "",
         "| organ | Dice mean ± std | min | HD95 mean (mm) | HD95 median (mm) | median volume pred/true |",
