@@ -80,8 +80,9 @@ class BundleSegmentationInferTask(BasicInferTask):
 
     def _get_network(self, device, data):
         path = self.get_path()
-        if path and ensemble_size(path) != self._size:
-            logger.info(f"{path} now holds {ensemble_size(path)} network(s); rebuilding network_def")
+        size = ensemble_size(path) if path else self._size
+        if size != self._size:
+            logger.info(f"{path} now holds {size} network(s); rebuilding network_def")
             self.network = self._network_def()
             self._networks.clear()
         return super()._get_network(device, data)
