@@ -1,8 +1,10 @@
 """Benchmark: bundle inference latency for one 256 x 256 x 40 MR volume (issue 6, §3 d).
 
-The bundle's ``inference.json`` is parsed as shipped (features 32, 5x5, scSE, 2 mm in-plane resampling, 160 x 160
-``SliceInferer``), with random weights (latency does not depend on the weights). The volume is a synthetic
-T2-like NIfTI of 256 x 256 x 40 voxels at 1.25 x 1.25 x 7.7 mm (CHAOS T2-SPIR geometry). Stages timed, interleaved:
+The bundle's ``inference.json`` is parsed as shipped (features 32, 3x3, scSE, 2 mm in-plane resampling, 160 x 160
+``SliceInferer``), with random weights (latency does not depend on the weights) and one network: the shipped
+``model.pt`` is an ensemble of two, whose network stage takes twice as long, at the same SE ratio. The volume is
+a synthetic T2-like NIfTI of 256 x 256 x 40 voxels at 1.25 x 1.25 x 7.7 mm (CHAOS T2-SPIR geometry). Stages timed,
+interleaved:
 
 - ``preprocessing``: load NIfTI, orientation, spacing, intensity normalisation;
 - ``network_<se>``: ``SliceInferer`` + network on the preprocessed volume, for the shipped ``scse`` and
@@ -53,7 +55,9 @@ def synthetic_volume(path: Path, shape: tuple[int, int, int] = SHAPE, seed: int 
 def _parser(output_dir: str, se: str, features: int) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(BUNDLE), "output_dir": output_dir, "se": se, "features": features})
+    parser.update(
+        {"bundle_root": str(BUNDLE), "output_dir": output_dir, "se": se, "features": features, "ensemble_size": 1}
+    )
     return parser
 
 
