@@ -172,7 +172,7 @@ def report(out: Path, runs: list[Run], folded: dict, predictor: str = "") -> dic
     figs = []
     if rows:
         table = {
-            f"seed {s}": {r["case"]: {o: r[f"dice_{o}"] for o in organs} for r in rows if r["seed"] == s}
+            predictor or f"seed {s}": {r["case"]: {o: r[f"dice_{o}"] for o in organs} for r in rows if r["seed"] == s}
             for s in sorted({r["seed"] for r in rows})
         }
         figs.append(figures.dice_boxplot(table, organs, "cross-validated Dice", out / "crossval_dice_boxplot.png"))
