@@ -5,7 +5,7 @@ Networks" (MICCAI 2018) and "Recalibrating Fully Convolutional Networks with Spa
 'Squeeze & Excitation' Blocks" (IEEE TMI 2019).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import importlib
 

@@ -19,6 +19,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+import scse_monai
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 CFG = BUNDLE / "configs"
@@ -257,6 +259,7 @@ def test_monai_reads_the_declared_requirements() -> None:
         parser.read_meta(str(CFG / "metadata.json"))
     required = parser.get("_meta_#required_packages_version")
     assert required == meta["required_packages_version"] and "scse-monai" in required
+    assert required["scse-monai"] == scse_monai.__version__  # the bundle asks for the release that has its API
 
 
 def test_verify_net_in_out() -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
@@ -149,16 +150,21 @@ def test_bundle_configs_build_the_network_that_model_pt_holds(tmp_path: Path, me
             torch.testing.assert_close(net.eval()(x).softmax(1), expected)
 
 
+def _export(command: str, root: Path, filepath: Path, *extra: str) -> None:
+    """``python -m monai.bundle <command> network_def`` of the bundle whose root is ``root``."""
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", command, "network_def", "--filepath", str(filepath),
+         "--ckpt_file", str(root / "models" / "model.pt"), "--meta_file", str(CFG / "metadata.json"),
+         "--config_file", str(CFG / "inference.json"), "--bundle_root", str(root), "--features", "8", *extra],
+        capture_output=True, text=True, cwd=root.parent, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_ckpt_export_of_an_ensemble_is_one_torchscript_file(tmp_path: Path) -> None:
     root = _bundle(tmp_path, _members(tmp_path))
     ts = tmp_path / "model.ts"
-    res = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
-         "--ckpt_file", str(root / "models" / "model.pt"), "--meta_file", str(CFG / "metadata.json"),
-         "--config_file", str(CFG / "inference.json"), "--bundle_root", str(root), "--features", "8"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    _export("ckpt_export", root, ts)
     extra = {"inference.json": ""}
     scripted = torch.jit.load(str(ts), _extra_files=extra)
     assert json.loads(extra["inference.json"])["network_def"]["size"] == "@ensemble_size"
@@ -166,3 +172,17 @@ def test_ckpt_export_of_an_ensemble_is_one_torchscript_file(tmp_path: Path) -> N
     with torch.no_grad():
         expected = (_net(0)(x).softmax(1) + _net(1)(x).softmax(1)) / 2
         torch.testing.assert_close(scripted(x).softmax(1), expected)
+
+
+@pytest.mark.slow
+def test_onnx_export_of_an_ensemble_matches_it(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    root = _bundle(tmp_path, _members(tmp_path))
+    onnx_path = tmp_path / "model.onnx"
+    _export("onnx_export", root, onnx_path, "--use_trace", "True", "--input_shape", "[1, 3, 64, 64]")
+    x = torch.randn(1, 3, 64, 64)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = (_net(0)(x).softmax(1) + _net(1)(x).softmax(1)) / 2
+    np.testing.assert_allclose(np.exp(out), expected.numpy(), atol=1e-5)

@@ -360,11 +360,11 @@ def test_crossval_ensemble_scores_each_fold_with_the_mean_softmax_of_its_seeds(c
 
     for r in rows:
         assert all(_f(r[f"volume_ratio_{o}"]) == 0 for o in ORGANS[:-1]), r
-        pred = np.asarray(nib.load(ens / "runs" / "unet_scse" / "seed0" / f"fold{r['fold']}" / "eval" / "pred" /
-                                   f"{r['case']}.nii.gz").dataobj)  # fmt: skip
+        fold = ens / "runs" / "seeds0-1" / "unet_scse" / "seed0" / f"fold{r['fold']}"
+        pred = np.asarray(nib.load(fold / "eval" / "pred" / f"{r['case']}.nii.gz").dataobj)
         alone = np.asarray(nib.load(seed0 / f"fold{r['fold']}" / "eval" / "pred" / f"{r['case']}.nii.gz").dataobj)
         assert (pred == 4).all() and not (alone == 4).all()
-    scored = sorted(ens.glob("runs/unet_scse/seed0/fold*/eval/heldout.csv"))
+    scored = sorted(ens.glob("runs/seeds0-1/unet_scse/seed0/fold*/eval/heldout.csv"))
     before = [p.stat().st_mtime_ns for p in scored]
     again = crossval(datalist, out, folds=2, seeds=(0, 1), epochs=1, bundle_overrides=TINY_SET, progress=False,
                      ensemble=True)  # fmt: skip

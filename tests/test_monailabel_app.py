@@ -300,6 +300,7 @@ def test_train_one_epoch_writes_a_checkpoint(server):
     assert "Fine-tuning on 1 labelled images" in log
     if ensemble_size(server["bundle"] / "models" / "model.pt") > 1:
         assert "holds an ensemble: fine-tuning its first network" in log
+        assert "Add Checkpoint Loader for Path:" in log and "pretrained_network_0.pt" in log  # not from scratch
 
     # the server now serves the fine-tuned network: network_def is rebuilt for a model.pt of one network
     image_id = sorted(server["studies"].glob("chaos_*.nii.gz"))[-1].name[: -len(".nii.gz")]

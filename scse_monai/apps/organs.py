@@ -81,8 +81,8 @@ def read_torchscript_metadata(model_ts: str | Path) -> dict:
             if not names:
                 raise ValueError(
                     f"{path}: no extra/metadata.json inside; export it with `python -m monai.bundle ckpt_export "
-                    "network_def --filepath model.ts --ckpt_file model.pt --meta_file metadata.json "
-                    "--config_file inference.json`"
+                    "network_def --filepath model.ts --ckpt_file models/model.pt --meta_file configs/metadata.json "
+                    "--config_file configs/inference.json --bundle_root BUNDLE`"
                 )
             return json.loads(archive.read(names[0]))
     except zipfile.BadZipFile as e:

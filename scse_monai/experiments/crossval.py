@@ -13,7 +13,7 @@ Output folder layout::
     OUT/crossval.md, OUT/crossval_summary.csv  per organ mean ± std, median volume ratio
     OUT/crossval_dice_boxplot.png, OUT/worst_<case>.png
     OUT/ensemble/                              with --ensemble: the same report for each fold's mean-softmax
-                                               ensemble of the seeds (runs/<net>_<se>/seed<first>/fold<k>/eval)
+                                               ensemble of the seeds (runs/seeds<s1>-<s2>/<net>_<se>/seed<s1>/fold<k>)
 """
 
 from __future__ import annotations
@@ -106,15 +106,16 @@ def crossval(
 def score_ensembles(out: Path, runs: list[Run], settings: BundleSettings, folded: dict, progress: bool) -> list[Run]:
     """Scores, per fold whose seeds have all finished, the mean-softmax ensemble of their last-epoch networks.
 
-    Each ensemble is scored like one run, in ``out/runs/`` under the first seed's name; a scored fold is skipped.
+    Each ensemble is scored like one run, in ``out/runs/seeds<s1>-<s2>.../`` under the first seed's name (so that
+    another set of seeds is scored anew); a scored fold is skipped.
     """
     scored = []
     for fold in sorted({r.fold for r in runs}):
         members = [r for r in runs if r.fold == fold]
         if not all(r.finished for r in members):
             continue
-        first = members[0]
-        ens = Run(first.network, first.se, first.aggregation, fold, out / "runs", first.kernel_size, first.seed)
+        first, root = members[0], out / "runs" / ("seeds" + "-".join(str(r.seed) for r in members))
+        ens = Run(first.network, first.se, first.aggregation, fold, root, first.kernel_size, first.seed)
         if not ens.finished:
             score_heldout(ens, settings, folded, progress, members=members)
         scored.append(ens)

@@ -6,7 +6,7 @@ weights file, so the average lives in a module here. It returns the log of the m
 consumer's softmax then gives the mean probabilities, and argmax the ensemble's labels.
 
 Combine separately trained checkpoints with
-``python -m scse_monai.networks.ensemble seed0/model.pt seed1/model.pt --out bundle/models/model.pt``.
+``python -m scse_monai.networks.ensemble seed0/model.pt seed1/model.pt --out bundle/models/model.pt --overwrite``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from scse_monai.atomic import write_atomically
 __all__ = ["MeanSoftmaxEnsemble", "combine_checkpoints", "ensemble_size", "mean_softmax_ensemble", "member_state"]
 
 PREFIX = "networks."
+MEMBER_KEY = re.compile(r"networks\.(\d+)\.")  # the start of an ensemble member's key in its state dict
 
 
 class MeanSoftmaxEnsemble(nn.Module):
@@ -101,8 +103,8 @@ def ensemble_size(checkpoint: str | os.PathLike) -> int:
     """
     if not Path(checkpoint).is_file():
         return 1
-    state = _state_dict(checkpoint)
-    return len({k.split(".")[1] for k in state if k.startswith(PREFIX)}) or 1
+    members = {m.group(1) for k in _state_dict(checkpoint) if (m := MEMBER_KEY.match(k))}
+    return len(members) or 1
 
 
 def member_state(checkpoint: str | os.PathLike, index: int) -> dict[str, torch.Tensor]:
@@ -133,7 +135,7 @@ def combine_checkpoints(members: Sequence[str | os.PathLike], out: str | os.Path
     first = {k: v.shape for k, v in states[0].items()}
     combined = {}
     for i, (path, state) in enumerate(zip(members, states, strict=True)):
-        if any(k.startswith(PREFIX) for k in state):
+        if any(MEMBER_KEY.match(k) for k in state):
             raise ValueError(f"{path}: already an ensemble; combine single networks")
         if {k: v.shape for k, v in state.items()} != first:
             raise ValueError(f"{path}: its keys or shapes differ from those of {members[0]}")
