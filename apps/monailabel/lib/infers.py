@@ -9,6 +9,7 @@ job on ``BasicInferTask`` with what the bundle declares: ``network_def``, ``prep
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,6 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from torch.nn import Module
 
 from scse_monai.apps.organs import organ_labels
-from scse_monai.networks import ensemble_size
 
 from .workspace import read_metadata
 
@@ -36,8 +36,8 @@ class BundleSegmentationInferTask(BasicInferTask):
     Reported to clients as ``dimension=3``: the bundle consumes and returns volumes even though the network is 2D.
     Labels are the organ names of ``metadata.json`` ``channel_def`` (lower case, without background). Weights are
     loaded strictly, so a checkpoint that does not fit ``network_def`` fails instead of running half-initialised.
-    ``network_def`` is rebuilt when ``model.pt`` changes its number of networks (fine-tuning replaces the shipped
-    ensemble by one network).
+    ``network_def`` is rebuilt whenever ``model.pt`` changes, since that may change its number of networks
+    (fine-tuning replaces the shipped ensemble by one network).
 
     Args:
         bundle_dir: bundle folder (the app's workspace copy).
@@ -56,8 +56,10 @@ class BundleSegmentationInferTask(BasicInferTask):
         self.image_key, self.pred_key = (
             next(iter(metadata["network_data_format"][part])) for part in ("inputs", "outputs")
         )
+        model = self.bundle_dir / "models" / "model.pt"
+        self._built_for = _mtime(model)  # the model.pt that network_def was built for
         super().__init__(
-            path=str(self.bundle_dir / "models" / "model.pt"),
+            path=str(model),
             network=self._network_def(),
             type=InferType.SEGMENTATION,
             labels={name: value for value, name in organ_labels(metadata).items()},
@@ -71,20 +73,18 @@ class BundleSegmentationInferTask(BasicInferTask):
         self.version = metadata.get("version")
 
     def _network_def(self) -> Module:
-        # a parser of its own: re-resolving the shared one would re-create the preprocessing that Invertd inverts
+        # a parser of its own: re-resolving the shared one would re-create the preprocessing that Invertd inverts;
+        # inference.json reads from model.pt how many networks it holds (ensemble_size)
         parser = ConfigParser()
         parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
         parser["bundle_root"] = str(self.bundle_dir)
-        self._size = parser.get_parsed_content("ensemble_size")
         return parser.get_parsed_content("network_def")
 
     def _get_network(self, device, data):
-        path = self.get_path()
-        size = ensemble_size(path) if path else self._size
-        if size != self._size:
-            logger.info(f"{path} now holds {size} network(s); rebuilding network_def")
-            self.network = self._network_def()
-            self._networks.clear()
+        path, mtime = self.get_path(), _mtime(self.get_path())
+        if mtime != self._built_for:  # BasicInferTask then reloads the weights into a copy of the new network
+            logger.info(f"{path} changed; rebuilding network_def for it")
+            self.network, self._built_for = self._network_def(), mtime
         return super()._get_network(device, data)
 
     def _without_image_prefixed_strings(self, data: dict, run: Callable[[dict], dict]) -> dict:
@@ -130,3 +130,7 @@ class BundleSegmentationInferTask(BasicInferTask):
         transforms = [t for t in self._transforms("postprocessing") if "SaveImage" not in type(t).__name__]
         # (1, H, W, D) -> (H, W, D): MONAI Label's writer treats a leading axis as channels.
         return transforms + [SqueezeDimd(keys=self.pred_key, dim=0)]
+
+
+def _mtime(path: str | Path | None) -> int | None:
+    return os.stat(path).st_mtime_ns if path and os.path.exists(path) else None
