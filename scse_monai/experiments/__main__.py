@@ -98,9 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "crossval":
             result = crossval(network=args.network, se=args.se, ensemble=args.ensemble, **common)
             print(f"trained {result['trained']} folds, skipped {result['skipped']} finished folds")
-            for r in (result, result.get("ensemble")) if args.ensemble else (result,):
+            reports = [result, result["ensemble"]] if args.ensemble else [result]
+            for r in reports:
                 print(f"written: {r['md']}, {r['per_patient_csv']}, {r['summary_csv']}")
-            result["figures"] += result["ensemble"]["figures"] if args.ensemble else []
+            result["figures"] = [f for r in reports for f in r["figures"]]
         else:
             result = compare(
                 networks=args.networks,

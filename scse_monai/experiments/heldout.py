@@ -88,7 +88,7 @@ def _inference(runs: Sequence[Run], settings: BundleSettings):
     cfg = Path(settings.bundle_root) / "configs"
     parser.read_config([str(cfg / "inference.json"), *(str(cfg / e) for e in settings.extra_configs)])
     overrides = runs[0].overrides(settings)
-    overrides["member_def#_target_"] = overrides.pop("network_def#_target_")  # inference.json's one network
+    overrides.pop("network_def#_target_")  # the networks come from train.json (Run.build_network), not from here
     parser.update(overrides)
     nets = []
     for run in runs:

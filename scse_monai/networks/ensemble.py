@@ -101,10 +101,11 @@ def ensemble_size(checkpoint: str | os.PathLike) -> int:
         >>> ensemble_size("no/such/model.pt")
         1
     """
-    if not Path(checkpoint).is_file():
-        return 1
-    members = {m.group(1) for k in _state_dict(checkpoint) if (m := MEMBER_KEY.match(k))}
-    return len(members) or 1
+    return _count(_state_dict(checkpoint)) if Path(checkpoint).is_file() else 1
+
+
+def _count(state: dict) -> int:
+    return len({m.group(1) for k in state if (m := MEMBER_KEY.match(k))}) or 1
 
 
 def member_state(checkpoint: str | os.PathLike, index: int) -> dict[str, torch.Tensor]:
@@ -113,11 +114,12 @@ def member_state(checkpoint: str | os.PathLike, index: int) -> dict[str, torch.T
     Example:
         >>> state = member_state("bundle/models/model.pt", 0)  # doctest: +SKIP
     """
-    size = ensemble_size(checkpoint)
+    state = _state_dict(checkpoint)
+    size = _count(state)
     if size == 1 or not 0 <= index < size:
         raise ValueError(f"{checkpoint}: no ensemble member {index} (the file holds {size} network(s))")
     prefix = f"{PREFIX}{index}."
-    return {k[len(prefix) :]: v for k, v in _state_dict(checkpoint).items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def combine_checkpoints(members: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
