@@ -49,31 +49,12 @@ def parameter_table(
         >>> [r["added"] for r in rows]
         [0, 33536, 520, 34056]
     """
+    options = dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, features=features)
     rows = []
     for name in networks:
-        base = count_parameters(
-            get_network(
-                name,
-                spatial_dims=spatial_dims,
-                in_channels=in_channels,
-                out_channels=out_channels,
-                features=features,
-                se=None,
-                **kwargs,
-            )
-        )
+        base = count_parameters(get_network(name, se=None, **options, **kwargs))
         for se in se_variants:
-            n = count_parameters(
-                get_network(
-                    name,
-                    spatial_dims=spatial_dims,
-                    in_channels=in_channels,
-                    out_channels=out_channels,
-                    features=features,
-                    se=se,
-                    **kwargs,
-                )
-            )
+            n = count_parameters(get_network(name, se=se, **options, **kwargs))
             rows.append(
                 {
                     "network": name,
