@@ -52,6 +52,11 @@ def _check_in_channels(in_channels: int) -> None:
         raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}.")
 
 
+def _check_reduction_ratio(reduction_ratio: int) -> None:
+    if isinstance(reduction_ratio, bool) or not isinstance(reduction_ratio, int) or reduction_ratio < 1:
+        raise ValueError(f"reduction_ratio must be a positive integer, got {reduction_ratio!r}.")
+
+
 def _check_aggregation(aggregation: str) -> str:
     if not isinstance(aggregation, str) or aggregation.lower() not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
@@ -80,8 +85,7 @@ class ChannelSELayer(nn.Module):
         _check_spatial_dims(spatial_dims)
         self.inplace: bool = _check_inplace(inplace)
         _check_in_channels(in_channels)
-        if isinstance(reduction_ratio, bool) or not isinstance(reduction_ratio, int) or reduction_ratio < 1:
-            raise ValueError(f"reduction_ratio must be a positive integer, got {reduction_ratio!r}.")
+        _check_reduction_ratio(reduction_ratio)
         hidden = in_channels // reduction_ratio
         if hidden < 1:
             raise ValueError(
@@ -100,8 +104,10 @@ class ChannelSELayer(nn.Module):
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the channel gates, shape ``(B, C, 1, ...)``, broadcastable against ``x``."""
         b, c = x.shape[0], x.shape[1]
-        # sum / n is the global average pool; mean's backward would write a full-size map, sum's is a broadcast view
-        y = self.fc(x.sum(self.reduce_dims) / max(x[0, 0].numel(), 1))
+        # sum / n is the global average pool; mean's backward would write a full-size map, sum's is a broadcast view.
+        # Half-precision inputs are summed in float32: a float16 sum overflows past 65504.
+        total = x.sum(self.reduce_dims, dtype=torch.promote_types(x.dtype, torch.float32))
+        y = self.fc((total / max(x[0, 0].numel(), 1)).to(x.dtype))
         return y.view([b, c] + [1] * self.spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,8 +153,8 @@ class ChannelSpatialSELayer(nn.Module):
 
     Args:
         spatial_dims, in_channels, reduction_ratio: as in :class:`ChannelSELayer`.
-        aggregation: ``"max"``: elementwise maximum (max-out; TMI 2019 and the authors' code), in training computed
-            as ``x*gs + relu(x*(gc-gs))``; ``"add"``: sum (MICCAI 2018); ``"mul"``: product; ``"concat"``:
+        aggregation: ``"max"``: elementwise maximum (max-out; TMI 2019 and the authors' code), computed as
+            ``x*gs + relu(x*(gc-gs))``; ``"add"``: sum (MICCAI 2018); ``"mul"``: product; ``"concat"``:
             concatenation along channels, then a 1x1 convolution ``2C -> C`` (with bias).
         inplace: with autograd off, write the result over the input (see :class:`ChannelSELayer`); not with
             ``"concat"``, whose result is a convolution's output. Its :attr:`cse` and :attr:`sse` stay out of place.
@@ -186,28 +192,19 @@ class ChannelSpatialSELayer(nn.Module):
         gs = self.sse.gate(x)  # (B, 1, *spatial)
         if self.aggregation == "concat":
             return self.fuse(torch.cat([x * gc, x * gs], dim=1))
-        if not torch.is_grad_enabled():
-            # inference: the definition, x * gs is taken before x * gc may be written over x
-            xs = x * gs
-            return _combine_(x.mul_(gc) if self.inplace else x * gc, xs, self.aggregation)
+        # one formula per aggregation; inplace only writes its last steps over x, after every read of x
+        inplace = self.inplace and not torch.is_grad_enabled()
+        if self.aggregation == "max":
+            # max(a, b) == b + relu(a - b) with a - b == x * (gc - gs): the same values (to rounding), and a backward
+            # of cheap elementwise ops instead of torch.maximum's (where / masked_fill / eq for both inputs). Where
+            # x * gc == x * gs (x == 0, e.g. after a ReLU) the gradient w.r.t. x goes to the sSE branch: a
+            # subgradient. relu_ writes over the product, which no backward needs.
+            r = torch.relu_(x * (gc - gs))
+            return torch.addcmul(r, x, gs, out=x) if inplace else torch.addcmul(r, x, gs)
+        xs = x * gs
         if self.aggregation == "add":
-            return torch.addcmul(x * gc, x, gs)  # one product and one fused multiply-add
-        if self.aggregation == "mul":
-            return (x * gc) * (x * gs)
-        # max(a, b) == b + relu(a - b) with a - b == x * (gc - gs): the same values (to rounding), and a backward of
-        # cheap elementwise ops instead of torch.maximum's (where / masked_fill / eq for both inputs). Where
-        # x * gc == x * gs (x == 0, e.g. after a ReLU) the gradient w.r.t. x goes to the sSE branch: a subgradient.
-        # relu_ writes over the product, which no backward needs: one full-size map fewer to allocate
-        return torch.addcmul(torch.relu_(x * (gc - gs)), x, gs)
-
-
-def _combine_(a: torch.Tensor, b: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """``max`` / ``add`` / ``mul`` of the two recalibrated maps, written over ``a`` (inference only)."""
-    if aggregation == "max":
-        return torch.maximum(a, b, out=a)
-    if aggregation == "add":
-        return a.add_(b)
-    return a.mul_(b)
+            return torch.addcmul(xs, x, gc, out=x) if inplace else torch.addcmul(xs, x, gc)
+        return x.mul_(gc).mul_(xs) if inplace else x * gc * xs
 
 
 SE = LayerFactory(name="SE", description="Squeeze-and-excitation layers of Roy et al. (cSE, sSE, scSE).")
@@ -244,6 +241,7 @@ def get_se_layer(name: str | None, spatial_dims: int, in_channels: int, **kwargs
     # validate options even where the chosen variant does not use them, so a typo never passes silently
     _check_inplace(kwargs.get("inplace", False))
     _check_aggregation(kwargs.get("aggregation", "max"))
+    _check_reduction_ratio(kwargs.get("reduction_ratio", 2))
     layer_type = SE[key]
     accepted = inspect.signature(layer_type).parameters
     return layer_type(spatial_dims, in_channels, **{k: v for k, v in kwargs.items() if k in accepted})

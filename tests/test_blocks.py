@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -266,6 +267,8 @@ def test_scripted_training_gradients_match_eager():
         (lambda: ChannelSELayer(2, 0), "in_channels"),
         (lambda: get_se_layer("cse", 2, 8, ratio=2), r"allowed: \['aggregation', 'inplace', 'reduction_ratio'\]"),
         (lambda: get_se_layer("sse", 2, 8, inplace=1), "inplace must be True or False, got 1"),
+        (lambda: get_se_layer("sse", 2, 8, reduction_ratio=0), "reduction_ratio must be a positive integer, got 0"),
+        (lambda: get_se_layer("none", 2, 8, reduction_ratio="2"), "reduction_ratio must be a positive integer"),
         (lambda: ChannelSpatialSELayer(2, 8, inplace="yes"), "inplace must be True or False"),
     ],
 )
@@ -319,3 +322,39 @@ def test_max_training_gradients_match_the_definition(spatial_dims):
     expected = torch.autograd.grad(torch.maximum(block.cse(x), block.sse(x)).square().sum(), weights)
     for g, e in zip(got, expected, strict=True):
         assert torch.allclose(g, e, atol=1e-5)
+
+
+def test_cse_gate_of_half_precision_input_does_not_overflow():
+    # 90,000 ones per channel: a float16 sum would be inf (max 65504) and the gate NaN
+    layer = ChannelSELayer(2, 4).half()
+    x = torch.ones(1, 4, 300, 300, dtype=torch.float16)
+    gate = layer.gate(x)
+    assert gate.dtype == torch.float16
+    torch.testing.assert_close(gate.float(), layer.float().gate(x.float()), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("name,aggregation", [("cse", "max"), ("sse", "max")] + [("scse", a) for a in AGGREGATIONS])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_compile_fullgraph_and_onnx_equal_eager(name, aggregation, inplace):
+    # every block and aggregation, in the out-of-place and in-place inference paths and in training: one graph
+    # (dynamo, no breaks) that computes what eager does; ONNX export of the inference path gives the same values
+    torch._dynamo.reset()  # every case compiles the same forward code: start under dynamo's recompile limit
+    torch.manual_seed(0)
+    layer = get_se_layer(name, 2, 6, aggregation=aggregation, inplace=inplace).eval()
+    x = torch.randn(2, 6, 9, 7)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        expected = layer(x.clone())
+        torch.testing.assert_close(compiled(x.clone()), expected, rtol=1e-6, atol=1e-6)
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.testing.assert_close(compiled(xc), layer(xe), rtol=1e-6, atol=1e-6)
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(layer, (x.clone(),), buffer, dynamo=False, input_names=["x"], output_names=["y"])
+    model = onnx.load_from_string(buffer.getvalue())
+    got = ReferenceEvaluator(model).run(None, {"x": x.numpy()})[0]
+    assert abs(got - expected.numpy()).max() < 1e-5
