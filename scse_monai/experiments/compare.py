@@ -49,12 +49,16 @@ def _choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> list[s
     return values
 
 
-def _runs(networks, ses, aggs, seeds, folds, root: Path, kernel_size) -> dict[tuple[str, str], list[Run]]:
-    """``{(network, variant): [Run per seed x fold]}``; scSE with several aggregations is one variant each."""
+def _runs(
+    networks, ses, aggs, seeds, folds, root: Path, kernel_size, bundle_aggregation: str = "max"
+) -> dict[tuple[str, str], list[Run]]:
+    """``{(network, variant): [Run per seed x fold]}``. scSE with the bundle's aggregation alone is ``scse``; any
+    other aggregation, or several, are one variant ``scse_<agg>`` each, trained with that aggregation."""
     variants: dict[tuple[str, str], list[Run]] = {}
+    scse_aggs = [None] if list(aggs) == [bundle_aggregation] else list(aggs)
     for net in networks:
         for s in ses:
-            for agg in aggs if s == "scse" and len(aggs) > 1 else [None]:
+            for agg in scse_aggs if s == "scse" else [None]:
                 name = f"{s}_{agg}" if agg else s
                 runs = [Run(net, s, agg, k, root, kernel_size, seed) for seed in seeds for k in range(folds)]
                 variants[(net, name)] = runs
@@ -123,7 +127,7 @@ def compare(
     settings, folded = bundle_settings(datalist, folds, epochs, dataset_config, recipe, overrides, bundle_root)
     record = {"kind": "compare", "folds": folds, "kernel_size": kernel_size, **settings.record()}
     out, folded = open_experiment(out, record, settings, folded)
-    variants = _runs(networks, ses, aggs, seeds, folds, out / "runs", kernel_size)
+    variants = _runs(networks, ses, aggs, seeds, folds, out / "runs", kernel_size, settings.bundle_value("aggregation"))
     runs = [r for rs in variants.values() for r in rs]
     trained, skipped = run_all(runs, settings, folded, out / "compare.log", progress)
     result = report(out, variants, settings, folded)
