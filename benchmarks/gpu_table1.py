@@ -227,7 +227,7 @@ def hardware() -> dict:
         "numpy": numpy.__version__,
         "cpu_count": os.cpu_count(),
         "cuda_available": torch.cuda.is_available(),
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)

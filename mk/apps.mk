@@ -1,7 +1,7 @@
 # MONAI Label server app (apps/monailabel) and MONAI Deploy application (apps/deploy), docs/apps.md. They live outside
 # the scse_monai package; each framework gets its own environment:
 # MONAI Label 0.8.5 needs pydicom 2 / numpy 1, the Deploy App SDK 4.0.0 needs pydicom 3 / highdicom 0.28.
-# As for .venv, torch==2.13.0 (CPU wheel) goes in first; pip's cache is reused; a stamp file makes setup idempotent.
+# As for .venv, torch==2.13.0 (CPU wheel) goes in first; a stamp file makes setup idempotent.
 LABEL_VENV := .venv-label
 DEPLOY_VENV := .venv-deploy
 LABEL_BUNDLE ?= bundle

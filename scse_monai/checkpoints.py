@@ -29,7 +29,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
-from scse_monai.atomic import write_atomically, write_text_atomic
+from scse_monai.atomic import write_text_atomic
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -38,23 +38,12 @@ __all__ = [
     "epoch_checkpoints",
     "latest_checkpoint",
     "remove_orphan_temp_files",
-    "save_atomically",
 ]
 
 _EPOCH_RE = re.compile(r"_epoch=(\d+)\.pt$")
 #: temporary files of scse_monai.atomic (``.<name>.<random>.tmp``) and of ignite's atomic DiskSaver (``tmp<random>``)
 _TEMP_FILE_RE = re.compile(r"^(\..+\.tmp|tmp[a-z0-9_]{8})$")
 _logger = logging.getLogger(__name__)
-
-
-def save_atomically(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: the file is complete or absent.
-
-    Example::
-
-        >>> save_atomically({"w": torch.zeros(1)}, "out/model.pt")
-    """
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def remove_orphan_temp_files(ckpt_dir: str | os.PathLike) -> list[Path]:
@@ -213,7 +202,8 @@ def _keep_existing(path: Path) -> None:
 
 
 class _FinalCheckpoint(Checkpoint):
-    # the weights at the end of training, for a run without validation (nothing else chooses a model)
+    # the weights at the end of training, for a run without validation (nothing else chooses a model); a subclass
+    # because ignite's Checkpoint would save non-finite weights and replace a model.pt this run did not write
     def __init__(self, path: Path, to_save: dict) -> None:
         super().__init__(to_save, DiskSaver(path.parent, atomic=True, require_empty=False), filename_pattern=path.name)
         self.path = path

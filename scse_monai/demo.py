@@ -3,7 +3,8 @@
 Synthetic patients (DICOM + PNG masks in the CHAOS layout) -> ``scse_monai.data prepare`` -> a short
 training run of the bundle (``train.json``) -> evaluation on held-out patients (``evaluate.json``) ->
 inference on one volume (``inference.json``) -> a per-organ Dice table. Everything is written below
-``--out`` (default ``runs/demo``), which the demo owns and replaces on every run.
+``--out`` (default ``runs/demo``), which the demo owns: its ``models/``, ``eval/`` and ``pred/`` are replaced on
+every run, the synthetic ``data/`` is reused.
 
 Example::
 
@@ -54,7 +55,11 @@ def _print_table(path: Path, columns: list[str] | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scse_monai.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="output folder, replaced on every run (default runs/demo)")
+    parser.add_argument(
+        "--out",
+        default="runs/demo",
+        help="output folder; its models/, eval/ and pred/ are replaced on every run (default runs/demo)",
+    )
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     parser.add_argument("--features", type=int, default=16, help="SE-UNet base features (default 16)")
     parser.add_argument("--cases", type=int, default=8, help="synthetic patients (default 8)")

@@ -1,7 +1,7 @@
 """Series selection rules of the deploy app, and the same test in plain pydicom for checking inputs up front.
 
-Kept apart from ``app.py`` so that ``__main__`` can reject a folder without a matching series in about a second,
-before the SDK (holoscan, MONAI, torch) is imported.
+Kept apart from ``app.py`` so that ``__main__`` can reject a folder without a matching series before the SDK
+(holoscan, MONAI, torch) is imported.
 """
 
 from __future__ import annotations

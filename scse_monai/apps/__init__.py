@@ -1,6 +1,3 @@
-"""Clinical front ends for the scse_monai bundle: a MONAI Label server app and a MONAI Deploy application.
-
-Each runs in its own environment (``make label-setup`` builds ``.venv-label``, ``make deploy-setup`` builds
-``.venv-deploy``) because MONAI Label 0.8.5 and MONAI Deploy App SDK 4.0.0 pin incompatible pydicom / numpy
-versions. This package itself imports neither framework; only the sub-packages do.
+"""What the MONAI Label and MONAI Deploy apps (top-level ``apps/monailabel`` and ``apps/deploy``) share: the
+organ names and their DICOM codes (:mod:`scse_monai.apps.organs`). It imports neither framework.
 """

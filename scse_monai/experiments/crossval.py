@@ -153,7 +153,7 @@ def run_all(runs: list[Run], settings: BundleSettings, folded: dict, log_path: P
 
 
 def _note(log, msg: str) -> None:
-    log.write(f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')} {msg}\n")
+    log.write(f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} {msg}\n")
     log.flush()
 
 
