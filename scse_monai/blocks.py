@@ -198,8 +198,10 @@ class ChannelSpatialSELayer(nn.Module):
             # max(a, b) == b + relu(a - b) with a - b == x * (gc - gs): the same values (to rounding), and a backward
             # of cheap elementwise ops instead of torch.maximum's (where / masked_fill / eq for both inputs). Where
             # x * gc == x * gs (x == 0, e.g. after a ReLU) the gradient w.r.t. x goes to the sSE branch: a
-            # subgradient. relu_ writes over the product, which no backward needs.
-            r = torch.relu_(x * (gc - gs))
+            # subgradient. relu_ writes over the product, which no backward needs; inplace also writes the product
+            # over the full-size gc - gs (one full-size allocation instead of two).
+            d = gc - gs
+            r = torch.relu_(d.mul_(x) if inplace else x * d)
             return torch.addcmul(r, x, gs, out=x) if inplace else torch.addcmul(r, x, gs)
         xs = x * gs
         if self.aggregation == "add":

@@ -168,6 +168,28 @@ def test_compare_trains_a_single_non_default_aggregation_as_its_own_variant(cmp,
     assert {r["variant"] for r in _rows(out / "results.csv")} == {"scse_add"}
 
 
+def test_compare_ensemble_reports_each_variant_as_the_mean_softmax_of_its_seeds(cmp, datalist: Path, tmp_path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(cmp[0], out)  # seed 0 is trained there; a second seed is added, then the ensembles are scored
+    with pytest.raises(ExperimentError, match="two or more --seeds"):
+        compare(datalist, out, folds=2, epochs=1, bundle_overrides=TINY_SET, progress=False, ensemble=True)
+    result = compare(
+        datalist, out, seeds=[0, 1], folds=2, epochs=1, bundle_overrides=TINY_SET, progress=False, ensemble=True
+    )
+    assert result["trained"] == 4 and result["skipped"] == 4
+    ens = out / "ensemble"
+    assert result["ensemble"]["results_md"] == str(ens / "results.md") and (ens / "dice_boxplot_unet.png").is_file()
+    rows = _rows(ens / "per_case.csv")
+    assert sorted((r["variant"], r["case"]) for r in rows) == sorted(
+        (v, c) for v in ("none", "scse") for c in _folds(out)
+    )
+    for variant in ("none", "scse"):
+        for k in range(2):
+            held = _rows(ens / "runs" / "seeds0-1" / f"unet_{variant}" / "seed0" / f"fold{k}" / "eval" / "heldout.csv")
+            assert {r["case"] for r in held} == {c for c, f in _folds(out).items() if f == k}
+    assert {r["variant"] for r in _rows(ens / "results.csv")} == {"none", "scse"}
+
+
 def test_seed_rows_report_the_spread_between_seeds_and_the_se_effect_within_a_seed() -> None:
     def rows(shifts: dict[int, float]) -> list[dict]:
         return [

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--features", type=int, default=None, help="channels per stage (default: the bundle's)")
     c.add_argument("--kernel-size", type=int, default=None, help="default: the bundle's")
     c.add_argument("--recipe", default=None, help="bundle/configs/recipes/<name>.json: paper or report")
+    c.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="also compare each variant's per-fold mean-softmax ensemble of the seeds (as shipped); in OUT/ensemble/",
+    )
     return parser
 
 
@@ -110,10 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 features=args.features,
                 kernel_size=args.kernel_size,
                 recipe=args.recipe,
+                ensemble=args.ensemble,
                 **common,
             )
             print(f"trained {result['trained']} runs, skipped {result['skipped']} finished runs")
-            print(f"written: {result['results_md']}, {result['results_csv']}, {result['per_case_csv']}")
+            reports = [result, result["ensemble"]] if args.ensemble else [result]
+            for r in reports:
+                print(f"written: {r['results_md']}, {r['results_csv']}, {r['per_case_csv']}")
+            result["figures"] = [f for r in reports for f in r["figures"]]
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,8 @@ Output folder layout::
     OUT/results.csv                           per network x variant x organ: mean ± std, paired vs none
     OUT/seeds.csv                             per network x variant x seed: mean Dice (the seed-to-seed spread)
     OUT/results.md, OUT/dice_boxplot_<net>.png, OUT/overlay_<net>_<case>.png, OUT/training_curves_<net>.png
+    OUT/ensemble/                             with ``ensemble``: the same report for each variant's per-fold
+                                              mean-softmax ensemble of its seeds (as the shipped bundle predicts)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from scse_monai.atomic import write_text_atomic
 from scse_monai.blocks import AGGREGATIONS, SE_LAYER_NAMES
 from scse_monai.experiments import figures
-from scse_monai.experiments.crossval import csv_text, fmt, run_all
+from scse_monai.experiments.crossval import csv_text, fmt, run_all, score_ensembles
 from scse_monai.experiments.heldout import case_name, organ_keys, read_heldout
 from scse_monai.experiments.runs import BundleSettings, Run
 from scse_monai.experiments.setup import ExperimentError, bundle_settings, check_seeds, open_experiment
@@ -81,6 +83,7 @@ def compare(
     bundle_overrides: dict | None = None,
     bundle_root: str | Path | None = None,
     progress: bool = True,
+    ensemble: bool = False,
 ) -> dict:
     """Trains and scores every network x SE variant x seed x fold through the bundle, then compares with ``none``.
 
@@ -103,9 +106,12 @@ def compare(
         bundle_overrides: other bundle ids for every run.
         bundle_root: the bundle folder (default: the repository's ``bundle/``).
         progress: progress bar over runs.
+        ensemble: also compare the variants as the shipped bundle predicts: each fold's mean-softmax ensemble of
+            the seeds' networks (two or more seeds), scored and reported like the runs under ``OUT/ensemble/``.
 
     Returns:
-        ``{"results_csv", "results_md", "per_case_csv", "figures", "rows", "trained", "skipped"}``.
+        ``{"results_csv", "results_md", "per_case_csv", "figures", "rows", "trained", "skipped"}``, and
+        ``"ensemble"``: the ensembles' report (the same keys but the counts) when ``ensemble`` is set.
 
     Raises:
         ExperimentError: invalid arguments, or ``out`` holds an experiment with another recipe.
@@ -118,6 +124,8 @@ def compare(
     ses = _choices("se", se, SE_LAYER_NAMES)
     aggs = _choices("aggregation", aggregation, AGGREGATIONS)
     seeds = check_seeds(seeds)
+    if ensemble and len(seeds) < 2:
+        raise ExperimentError(f"--ensemble needs two or more --seeds, got {seeds}")
     for name, value in (("features", features), ("kernel-size", kernel_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ExperimentError(f"--{name} must be a positive integer, got {value!r}")
@@ -132,6 +140,9 @@ def compare(
     trained, skipped = run_all(runs, settings, folded, out / "compare.log", progress)
     result = report(out, variants, settings, folded)
     result.update({"trained": trained, "skipped": skipped})
+    if ensemble:
+        ens = {key: score_ensembles(out / "ensemble", rs, settings, folded, progress) for key, rs in variants.items()}
+        result["ensemble"] = report(out / "ensemble", ens, settings, folded)
     return result
 
 
