@@ -200,8 +200,7 @@ class ChannelSpatialSELayer(nn.Module):
             # x * gc == x * gs (x == 0, e.g. after a ReLU) the gradient w.r.t. x goes to the sSE branch: a
             # subgradient. relu_ writes over the product, which no backward needs; inplace also writes the product
             # over the full-size gc - gs (one full-size allocation instead of two).
-            d = gc - gs
-            r = torch.relu_(d.mul_(x) if inplace else x * d)
+            r = torch.relu_((gc - gs).mul_(x) if inplace else x * (gc - gs))
             return torch.addcmul(r, x, gs, out=x) if inplace else torch.addcmul(r, x, gs)
         xs = x * gs
         if self.aggregation == "add":
