@@ -142,7 +142,8 @@ def compare(
     result.update({"trained": trained, "skipped": skipped})
     if ensemble:
         ens = {key: score_ensembles(out / "ensemble", rs, settings, folded, progress) for key, rs in variants.items()}
-        result["ensemble"] = report(out / "ensemble", ens, settings, folded)
+        what = f"mean-softmax ensembles (one per fold and variant, of the networks of seeds {list(seeds)})"
+        result["ensemble"] = report(out / "ensemble", ens, settings, folded, what)
     return result
 
 
@@ -159,8 +160,10 @@ def _per_patient(rows: list[dict], organs: list[str]) -> dict[str, dict[str, flo
     return out
 
 
-def report(out: Path, variants: dict[tuple[str, str], list[Run]], settings: BundleSettings, folded: dict) -> dict:
-    """Writes the CSVs, the markdown page and the figures from the finished runs."""
+def report(
+    out: Path, variants: dict[tuple[str, str], list[Run]], settings: BundleSettings, folded: dict, what: str = "runs"
+) -> dict:
+    """Writes the CSVs, the markdown page and the figures from the finished runs (``what`` they are, for the page)."""
     organs = organ_keys(folded)
     rows_of = {
         key: [
@@ -181,7 +184,7 @@ def report(out: Path, variants: dict[tuple[str, str], list[Run]], settings: Bund
     seed_rows = _seed_rows(rows_of, organs)
     write_text_atomic(out / "seeds.csv", csv_text(list(seed_rows[0]) if seed_rows else ["network"], seed_rows))
     figs = _figures(out, variants, table, organs, folded)
-    write_text_atomic(out / "results.md", _markdown(rows, seed_rows, organs, variants, settings, figs))
+    write_text_atomic(out / "results.md", _markdown(rows, seed_rows, organs, variants, settings, figs, what))
     return {
         "results_csv": str(out / "results.csv"),
         "results_md": str(out / "results.md"),
@@ -316,7 +319,7 @@ def _overlays(out: Path, net: str, variants, table, organs: list[str], folded: d
     return paths
 
 
-def _markdown(rows, seed_rows, organs, variants, settings: BundleSettings, figs) -> str:
+def _markdown(rows, seed_rows, organs, variants, settings: BundleSettings, figs, what: str = "runs") -> str:
     by = {(r["network"], r["variant"], r["organ"]): r for r in rows}
     nets = list(dict.fromkeys(n for n, _ in variants))
     vars_ = list(dict.fromkeys(v for _, v in variants))
@@ -326,7 +329,8 @@ def _markdown(rows, seed_rows, organs, variants, settings: BundleSettings, figs)
     lines = [
         "# SE comparison (Table 1 layout)",
         "",
-        f"{done} of {total} runs finished; seeds {seeds}; every held-out patient predicted by its fold's "
+        f"{done} of {total} {what} finished{f'; seeds {seeds}' if what == 'runs' else ''}; every held-out patient "
+        "predicted by its fold's "
         f"last-epoch weights and scored on the original grid. Recipe: the bundle's, configs "
         f"{settings.extra_configs}, overrides `{settings.overrides}`. Patients in the tables: "
         f"{', '.join(str(by[(n, vars_[0], 'mean')]['n_patients']) for n in nets if (n, vars_[0], 'mean') in by)} "
