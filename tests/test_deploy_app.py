@@ -309,6 +309,17 @@ def test_bad_inputs_fail_cleanly(series, bands_model, tmp_path, case):
     assert list(out.iterdir()) == [], "no partial output may be left"
 
 
+def test_renamed_model_file_is_refused_before_the_graph_runs(series, bands_model, tmp_path):
+    # the SDK would find metadata.json under the old folder name but run without the inference config (raw image in)
+    renamed = tmp_path / "organs.ts"
+    shutil.copy(bands_model, renamed)
+    run, out = _bad_run(tmp_path, series, renamed)
+    assert run.returncode == 2, run.stderr[-3000:]
+    expected = f"model {renamed}: MONAI Deploy reads organs/extra/inference.json, it holds model/extra/inference.json"
+    assert expected in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and list(out.iterdir()) == []
+
+
 def test_failure_inside_the_graph_exits_1_without_partial_output(series, tmp_path):
     model = _torchscript_bundle(tmp_path, "failing")
     run, out = _bad_run(tmp_path, series, model)
