@@ -188,6 +188,12 @@ def test_compare_ensemble_reports_each_variant_as_the_mean_softmax_of_its_seeds(
             held = _rows(ens / "runs" / "seeds0-1" / f"unet_{variant}" / "seed0" / f"fold{k}" / "eval" / "heldout.csv")
             assert {r["case"] for r in held} == {c for c, f in _folds(out).items() if f == k}
     assert {r["variant"] for r in _rows(ens / "results.csv")} == {"none", "scse"}
+    # one ensemble per variant has no seed-to-seed spread to show; the runs' page, with two seeds, has
+    assert (
+        "## Seeds" not in (ens / "results.md").read_text()
+        and "mean-softmax ensembles scored" in (ens / "results.md").read_text()
+    )
+    assert "## Seeds" in (out / "results.md").read_text()
 
 
 def test_seed_rows_report_the_spread_between_seeds_and_the_se_effect_within_a_seed() -> None:

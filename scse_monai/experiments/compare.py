@@ -52,7 +52,7 @@ def _choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> list[s
 
 
 def _runs(
-    networks, ses, aggs, seeds, folds, root: Path, kernel_size, bundle_aggregation: str = "max"
+    networks, ses, aggs, seeds, folds, root: Path, kernel_size, bundle_aggregation: str
 ) -> dict[tuple[str, str], list[Run]]:
     """``{(network, variant): [Run per seed x fold]}``. scSE with the bundle's aggregation alone is ``scse``; any
     other aggregation, or several, are one variant ``scse_<agg>`` each, trained with that aggregation."""
@@ -142,7 +142,7 @@ def compare(
     result.update({"trained": trained, "skipped": skipped})
     if ensemble:
         ens = {key: score_ensembles(out / "ensemble", rs, settings, folded, progress) for key, rs in variants.items()}
-        what = f"mean-softmax ensembles (one per fold and variant, of the networks of seeds {list(seeds)})"
+        what = f"mean-softmax ensembles scored (one per fold and variant, of the networks of seeds {list(seeds)})"
         result["ensemble"] = report(out / "ensemble", ens, settings, folded, what)
     return result
 
@@ -161,9 +161,10 @@ def _per_patient(rows: list[dict], organs: list[str]) -> dict[str, dict[str, flo
 
 
 def report(
-    out: Path, variants: dict[tuple[str, str], list[Run]], settings: BundleSettings, folded: dict, what: str = "runs"
+    out: Path, variants: dict[tuple[str, str], list[Run]], settings: BundleSettings, folded: dict, what: str = ""
 ) -> dict:
-    """Writes the CSVs, the markdown page and the figures from the finished runs (``what`` they are, for the page)."""
+    """Writes the CSVs, the markdown page and the figures from the finished runs; ``what`` names them on the page
+    (default: runs finished, and their seeds)."""
     organs = organ_keys(folded)
     rows_of = {
         key: [
@@ -319,7 +320,26 @@ def _overlays(out: Path, net: str, variants, table, organs: list[str], folded: d
     return paths
 
 
-def _markdown(rows, seed_rows, organs, variants, settings: BundleSettings, figs, what: str = "runs") -> str:
+def _seed_table(seed_rows: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "## Seeds: the seed-to-seed spread next to the SE effect (mean Dice over organs, paired by patient)",
+        "",
+        f"| network | variant | seed | mean Dice | vs first seed (95 % CI) | vs `{BASELINE}`, same seed (95 % CI) |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    for s in seed_rows:
+        k = f"_vs_{BASELINE}_same_seed"
+        same = f"{s['difference' + k]:+.4f} [{s['ci_low' + k]:+.4f}, {s['ci_high' + k]:+.4f}]"
+        lines.append(
+            f"| {s['network']} | {s['variant']} | {s['seed']} | {fmt(s['mean_dice'])} | "
+            f"{s['difference_vs_first_seed']:+.4f} [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] | "
+            f"{same if math.isfinite(s['difference' + k]) else '—'} |"
+        )
+    return lines
+
+
+def _markdown(rows, seed_rows, organs, variants, settings: BundleSettings, figs, what: str) -> str:
     by = {(r["network"], r["variant"], r["organ"]): r for r in rows}
     nets = list(dict.fromkeys(n for n, _ in variants))
     vars_ = list(dict.fromkeys(v for _, v in variants))
@@ -329,8 +349,7 @@ def _markdown(rows, seed_rows, organs, variants, settings: BundleSettings, figs,
     lines = [
         "# SE comparison (Table 1 layout)",
         "",
-        f"{done} of {total} {what} finished{f'; seeds {seeds}' if what == 'runs' else ''}; every held-out patient "
-        "predicted by its fold's "
+        f"{done} of {total} {what or f'runs finished; seeds {seeds}'}; every held-out patient predicted by its fold's "
         f"last-epoch weights and scored on the original grid. Recipe: the bundle's, configs "
         f"{settings.extra_configs}, overrides `{settings.overrides}`. Patients in the tables: "
         f"{', '.join(str(by[(n, vars_[0], 'mean')]['n_patients']) for n in nets if (n, vars_[0], 'mean') in by)} "
@@ -361,21 +380,8 @@ def _markdown(rows, seed_rows, organs, variants, settings: BundleSettings, figs,
             f"[{r['ci_low' + k]:+.4f}, {r['ci_high' + k]:+.4f}] | {fmt(r['p_wilcoxon' + k], 3)} | "
             f"{r['n_improved' + k]} / {r['n' + k]} |"
         )
-    lines += [
-        "",
-        "## Seeds: the seed-to-seed spread next to the SE effect (mean Dice over organs, paired by patient)",
-        "",
-        f"| network | variant | seed | mean Dice | vs first seed (95 % CI) | vs `{BASELINE}`, same seed (95 % CI) |",
-        "|---|---|---:|---:|---|---|",
-    ]
-    for s in seed_rows:
-        k = f"_vs_{BASELINE}_same_seed"
-        same = f"{s['difference' + k]:+.4f} [{s['ci_low' + k]:+.4f}, {s['ci_high' + k]:+.4f}]"
-        lines.append(
-            f"| {s['network']} | {s['variant']} | {s['seed']} | {fmt(s['mean_dice'])} | "
-            f"{s['difference_vs_first_seed']:+.4f} [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] | "
-            f"{same if math.isfinite(s['difference' + k]) else '—'} |"
-        )
+    if len(seeds) > 1:  # with one seed (or one ensemble) per variant, the table would only repeat the one above
+        lines += _seed_table(seed_rows)
     lines += ["", "## Per organ (mean ± std)", ""]
     lines += ["| network | variant | " + " | ".join(o.replace("_", " ") for o in organs) + " | parameters |"]
     lines += ["|---|---|" + "---:|" * (len(organs) + 1)]
