@@ -27,7 +27,7 @@ from scse_monai.atomic import write_atomically
 __all__ = ["MeanSoftmaxEnsemble", "combine_checkpoints", "ensemble_size", "mean_softmax_ensemble", "member_state"]
 
 PREFIX = "networks."
-MEMBER_KEY = re.compile(r"networks\.(\d+)\.")  # the start of an ensemble member's key in its state dict
+MEMBER_KEY = re.compile(re.escape(PREFIX) + r"(\d+)\.")  # the start of an ensemble member's key in its state dict
 
 
 class MeanSoftmaxEnsemble(nn.Module):

@@ -81,7 +81,8 @@ class BundleSegmentationInferTask(BasicInferTask):
         return parser.get_parsed_content("network_def")
 
     def _get_network(self, device, data):
-        path, mtime = self.get_path(), _mtime(self.get_path())
+        path = self.get_path()
+        mtime = _mtime(path)
         if mtime != self._built_for:  # BasicInferTask then reloads the weights into a copy of the new network
             logger.info(f"{path} changed; rebuilding network_def for it")
             self.network, self._built_for = self._network_def(), mtime
