@@ -315,8 +315,9 @@ def test_renamed_model_file_is_refused_before_the_graph_runs(series, bands_model
     shutil.copy(bands_model, renamed)
     run, out = _bad_run(tmp_path, series, renamed)
     assert run.returncode == 2, run.stderr[-3000:]
-    expected = f"model {renamed}: MONAI Deploy reads organs/extra/inference.json, it holds model/extra/inference.json"
-    assert expected in run.stderr, run.stderr[-2000:]
+    reads = "organs/extra/metadata.json and organs/extra/inference.json, it holds"
+    assert f"model {renamed}: MONAI Deploy reads {reads}" in run.stderr, run.stderr[-2000:]
+    assert "model/extra/inference.json" in run.stderr
     assert "Traceback" not in run.stderr and list(out.iterdir()) == []
 
 

@@ -16,7 +16,6 @@ import resource
 import shutil
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 __all__ = ["main"]
@@ -172,23 +171,7 @@ def check_inputs(input_path: Path, model_path: Path) -> tuple[Path, list[Path], 
         labels = organ_labels(read_torchscript_metadata(model_path))
     except ValueError as e:
         raise InputError(f"model {e}") from e
-    _check_archive_folder(model_path)
     return model_path, files, labels, rules
-
-
-def _check_archive_folder(model_path: Path) -> None:
-    """The SDK reads the configs from ``<file stem>/extra/`` only: under another folder (a renamed ``model.ts``) its
-    fallback finds the file but leaves the inference config unread, and the network then gets the raw image."""
-    with zipfile.ZipFile(model_path) as archive:
-        names = archive.namelist()
-    expected = f"{model_path.stem}/extra/inference.json"
-    if expected not in names:
-        found = next((n for n in names if n.endswith("/extra/inference.json")), None)
-        where = f"it holds {found}" if found else "it holds no extra/inference.json"
-        raise InputError(
-            f"model {model_path}: MONAI Deploy reads {expected}, {where}; give the file the name it was exported "
-            "under, or export it again (`monai.bundle ckpt_export ... --config_file configs/inference.json`)"
-        )
 
 
 def _dicom_files_in(paths: list[Path]) -> list[Path]:

@@ -62,13 +62,17 @@ def organ_labels(metadata: Mapping, output_key: str | None = None) -> dict[int, 
 def read_torchscript_metadata(model_ts: str | Path) -> dict:
     """The ``metadata.json`` that ``monai.bundle ckpt_export`` embedded in a TorchScript file.
 
-    Read with ``zipfile`` rather than ``torch.jit.load`` so no model is loaded just to name its outputs.
+    Read with ``zipfile`` rather than ``torch.jit.load`` so no model is loaded just to name its outputs. The configs
+    must sit where MONAI Deploy reads them, ``<file stem>/extra/`` (the folder ``torch.jit.save`` names after the file
+    it writes): for a renamed file the SDK finds ``metadata.json`` elsewhere but runs without ``inference.json``,
+    feeding the network the raw image.
 
     Args:
         model_ts: path of the exported ``model.ts``.
 
     Raises:
-        ValueError: the file is not a TorchScript zip or carries no ``extra/metadata.json``.
+        ValueError: the file is not a TorchScript zip, carries no ``extra/metadata.json``, or carries its configs
+            under another folder than its name.
 
     Example:
         >>> read_torchscript_metadata("bundle/models/model.ts")["version"]  # doctest: +SKIP
@@ -77,13 +81,21 @@ def read_torchscript_metadata(model_ts: str | Path) -> dict:
     path = Path(model_ts)
     try:
         with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("extra/metadata.json")]
-            if not names:
+            names = archive.namelist()
+            found = [n for n in names if n.endswith("extra/metadata.json")]
+            if not found:
                 raise ValueError(
                     f"{path}: no extra/metadata.json inside; export it with `python -m monai.bundle ckpt_export "
                     "network_def --filepath model.ts --ckpt_file models/model.pt --meta_file configs/metadata.json "
                     "--config_file configs/inference.json --bundle_root BUNDLE`"
                 )
-            return json.loads(archive.read(names[0]))
+            expected = [f"{path.stem}/extra/{name}" for name in ("metadata.json", "inference.json")]
+            if not set(expected) <= set(names):
+                held = ", ".join(n for n in names if "/extra/" in n)
+                raise ValueError(
+                    f"{path}: MONAI Deploy reads {' and '.join(expected)}, it holds {held}; give the file the name it "
+                    "was exported under, or export it again with both configs"
+                )
+            return json.loads(archive.read(expected[0]))
     except zipfile.BadZipFile as e:
         raise ValueError(f"{path}: not a TorchScript file (not a zip archive)") from e
