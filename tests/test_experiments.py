@@ -323,6 +323,29 @@ def test_invalid_arguments_exit_2_without_output(tmp_path: Path, datalist: Path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "fixture", "unit", "runs", "files"),
+    [
+        ("crossval", "cv", "folds", 2, ["crossval_per_patient.csv", "crossval_summary.csv", "crossval.md"]),
+        ("compare", "cmp", "runs", 4, ["results.csv", "results.md", "per_case.csv", "seeds.csv"]),
+    ],
+)
+def test_cli_resumes_a_finished_experiment_and_lists_its_report(
+    request, tmp_path: Path, datalist: Path, capsys, command, fixture, unit, runs, files
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(request.getfixturevalue(fixture)[0], out)
+    tiny = [a for k, v in TINY_SET.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    args = ["--datalist", str(datalist), "--out", str(out), "--folds", "2", "--epochs", "1", "--no-progress", *tiny]
+    assert main([command, *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"trained 0 {unit}, skipped {runs} finished {unit}" in lines
+    (written,) = [line for line in lines if line.startswith("written: ")]
+    assert sorted(written.removeprefix("written: ").split(", ")) == sorted(str(out / f) for f in files)
+    figures = [line.removeprefix("figure: ") for line in lines if line.startswith("figure: ")]
+    assert figures and all(Path(f).is_file() and Path(f).parent == out for f in figures)
+
+
 def test_missing_datalist_and_foreign_out(tmp_path: Path, datalist: Path, capsys) -> None:
     assert main(["crossval", "--datalist", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 2
     assert "nope.json" in capsys.readouterr().err

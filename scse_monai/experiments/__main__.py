@@ -101,12 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         if args.command == "crossval":
-            result = crossval(network=args.network, se=args.se, ensemble=args.ensemble, **common)
-            print(f"trained {result['trained']} folds, skipped {result['skipped']} finished folds")
-            reports = [result, result["ensemble"]] if args.ensemble else [result]
-            for r in reports:
-                print(f"written: {r['md']}, {r['per_patient_csv']}, {r['summary_csv']}")
-            result["figures"] = [f for r in reports for f in r["figures"]]
+            result, unit = crossval(network=args.network, se=args.se, ensemble=args.ensemble, **common), "folds"
         else:
             result = compare(
                 networks=args.networks,
@@ -118,16 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ensemble=args.ensemble,
                 **common,
             )
-            print(f"trained {result['trained']} runs, skipped {result['skipped']} finished runs")
-            reports = [result, result["ensemble"]] if args.ensemble else [result]
-            for r in reports:
-                print(f"written: {r['results_md']}, {r['results_csv']}, {r['per_case_csv']}")
-            result["figures"] = [f for r in reports for f in r["figures"]]
+            unit = "runs"
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for f in result["figures"]:
-        print(f"figure: {f}")
+    print(f"trained {result['trained']} {unit}, skipped {result['skipped']} finished {unit}")
+    for report in [result, result["ensemble"]] if args.ensemble else [result]:
+        # a report's files are its *_md and *_csv entries
+        print("written: " + ", ".join(v for k, v in report.items() if k.endswith(("_md", "_csv"))))
+        for f in report["figures"]:
+            print(f"figure: {f}")
     return 0
 
 

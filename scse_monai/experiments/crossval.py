@@ -77,7 +77,7 @@ def crossval(
             the shipped bundle predicts, and report it under ``OUT/ensemble/``.
 
     Returns:
-        ``{"per_patient_csv", "summary_csv", "md", "figures", "trained", "skipped", "summary"}``, and
+        ``{"per_patient_csv", "summary_csv", "crossval_md", "figures", "trained", "skipped", "summary"}``, and
         ``"ensemble"``: the ensemble's report (the same keys but the counts) when ``ensemble`` is set.
 
     Example::
@@ -183,7 +183,7 @@ def report(out: Path, runs: list[Run], folded: dict, predictor: str = "") -> dic
     return {
         "per_patient_csv": str(out / "crossval_per_patient.csv"),
         "summary_csv": str(out / "crossval_summary.csv"),
-        "md": str(out / "crossval.md"),
+        "crossval_md": str(out / "crossval.md"),
         "figures": [str(f) for f in figs],
         "summary": summary,
         "n_patients": len({r["case"] for r in rows}),
