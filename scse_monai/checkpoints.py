@@ -343,6 +343,7 @@ class ResumeFromLatestCheckpoint(CheckpointLoader):
         """The newest interval checkpoint ``torch.load`` reads; unreadable newer ones are set aside as ``.corrupt``."""
         for _, path in reversed(epoch_checkpoints(self.ckpt_dir, self.prefix)):
             try:
+                # read once more by CheckpointLoader.__call__: once per run, to keep MONAI's loading logic unchanged
                 torch.load(path, map_location="cpu", weights_only=True)
                 return path
             except Exception as err:  # truncated zip, bad pickle, I/O error: any reason this file cannot be resumed
