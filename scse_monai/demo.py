@@ -1,10 +1,11 @@
 """``make demo``: the bundle end to end on synthetic CHAOS-MR phantoms, offline, on CPU.
 
 Synthetic patients (DICOM + PNG masks in the CHAOS layout) -> ``scse_monai.data prepare`` -> a short
-training run of the bundle (``train.json``) -> evaluation on held-out patients (``evaluate.json``) ->
-inference on one volume (``inference.json``) -> a per-organ Dice table. Everything is written below
+training run of the bundle (``train.json``) -> evaluation on held-out patients (``evaluate.json``, printed as a
+per-organ Dice table) -> segmentations of every synthetic volume (``inference.json``). Everything is written below
 ``--out`` (default ``runs/demo``), which the demo owns: its ``models/``, ``eval/`` and ``pred/`` are replaced on
-every run, the synthetic ``data/`` is reused.
+every run, the synthetic ``data/`` is reused. A folder the demo did not create (it has no :data:`MARKER`) is used
+only when it is empty.
 
 Example::
 
@@ -21,6 +22,24 @@ import time
 from pathlib import Path
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundle"
+#: written into ``--out`` by the demo: only a folder that has it is cleared on the next run
+MARKER = ".scse_monai_demo"
+
+
+def claim_out(out: Path) -> str | None:
+    """Makes ``out`` the demo's folder; returns why it cannot be, or ``None``.
+
+    ``out`` is claimed when it is absent or empty (the :data:`MARKER` is written) or already has the marker; then
+    its ``models/``, ``eval/`` and ``pred/`` from an earlier run are removed. Any other folder is left untouched.
+    """
+    if out.exists() and not (out / MARKER).is_file():
+        if not out.is_dir() or any(out.iterdir()):
+            return f"--out {out} is not empty and was not made by the demo; pick a new or empty folder"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
+    for sub in ("models", "eval", "pred"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    return None
 
 
 def _workflow(configs: list[Path], workflow_type: str | None, **overrides):
@@ -58,21 +77,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         default="runs/demo",
-        help="output folder; its models/, eval/ and pred/ are replaced on every run (default runs/demo)",
+        help="output folder, new or empty, or the demo's own from an earlier run: its models/, eval/ and pred/ are "
+        "replaced (default runs/demo)",
     )
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     parser.add_argument("--features", type=int, default=16, help="SE-UNet base features (default 16)")
     parser.add_argument("--cases", type=int, default=8, help="synthetic patients (default 8)")
     args = parser.parse_args(argv)
+    for name, least in (("epochs", 1), ("features", 1), ("cases", 4)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name} must be at least {least}, got {getattr(args, name)}")
     if not BUNDLE_DIR.is_dir():
         print(f"error: bundle folder {BUNDLE_DIR} not found (run the demo from a repo checkout)", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    refused = claim_out(out)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
         return 2
 
     from scse_monai.data import ensure_synthetic_dataset
 
-    out = Path(args.out).resolve()
-    for sub in ("models", "eval", "pred"):
-        shutil.rmtree(out / sub, ignore_errors=True)
     t0 = time.perf_counter()
     data_dir = out / "data"
     datalist = ensure_synthetic_dataset(data_dir, layout="chaos-mr", cases=args.cases, seed=0)
