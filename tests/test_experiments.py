@@ -312,6 +312,7 @@ def test_folds_stay_patient_level(tmp_path: Path, datalist: Path) -> None:
         ("compare", ["--seeds", "1,1"], "--seeds"),
         ("crossval", ["--dataset-config", "nope"], "nope"),
         ("crossval", ["--ensemble"], "two or more --seeds"),
+        ("compare", ["--set", "featurs=16"], "--set featurs: no such id"),
     ],
 )
 def test_invalid_arguments_exit_2_without_output(tmp_path: Path, datalist: Path, capsys, command, args, message):
@@ -344,6 +345,41 @@ def test_cli_resumes_a_finished_experiment_and_lists_its_report(
     assert sorted(written.removeprefix("written: ").split(", ")) == sorted(str(out / f) for f in files)
     figures = [line.removeprefix("figure: ") for line in lines if line.startswith("figure: ")]
     assert figures and all(Path(f).is_file() and Path(f).parent == out for f in figures)
+
+
+def _edited_datalist(datalist: Path, tmp_path: Path, edit) -> Path:
+    doc = json.loads(datalist.read_text())
+    for item in doc["training"]:
+        item.update({k: str(datalist.parent / item[k]) for k in ("image", "label")})
+    edit(doc["training"])
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda items: items[1].update(image="gone.nii.gz"), "of the listed files do not exist, e.g. "),
+        (lambda items: items[0].update(fold="x"), "folds must be integers, found 'x'"),
+    ],
+)
+def test_a_bad_datalist_item_exits_2_before_any_output(tmp_path: Path, datalist: Path, capsys, edit, message) -> None:
+    bad, out = _edited_datalist(datalist, tmp_path, edit), tmp_path / "out"
+    assert main(["crossval", "--datalist", str(bad), "--out", str(out), "--folds", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and str(bad) in err
+    assert not out.exists()
+
+
+def test_a_failed_training_is_one_line_naming_its_log(tmp_path: Path, datalist: Path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["--datalist", str(datalist), "--out", str(out), "--folds", "2", "--epochs", "1", "--no-progress"]
+    assert main(["crossval", *args, "--set", "features=-4"]) == 1
+    err = capsys.readouterr().err
+    (log,) = out.glob("runs/*/seed0/fold0/run.log")
+    assert err.count("\n") == 1 and "training failed" in err and str(log) in err and "Traceback" not in err
+    assert "Traceback" in log.read_text()
 
 
 def test_missing_datalist_and_foreign_out(tmp_path: Path, datalist: Path, capsys) -> None:

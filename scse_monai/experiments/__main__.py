@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from scse_monai.blocks import AGGREGATIONS, SE_LAYER_NAMES
 from scse_monai.experiments.compare import compare
 from scse_monai.experiments.crossval import crossval
+from scse_monai.experiments.runs import TrainingFailed
 from scse_monai.experiments.setup import ExperimentError
 from scse_monai.networks.registry import NETWORKS
 
@@ -117,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingFailed as e:  # the log has the child's traceback; finished runs are kept for a resume
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"trained {result['trained']} {unit}, skipped {result['skipped']} finished {unit}")
     for report in [result, result["ensemble"]] if args.ensemble else [result]:
         # a report's files are its *_md and *_csv entries

@@ -77,8 +77,9 @@ def crossval(
             the shipped bundle predicts, and report it under ``OUT/ensemble/``.
 
     Returns:
-        ``{"per_patient_csv", "summary_csv", "crossval_md", "figures", "trained", "skipped", "summary"}``, and
-        ``"ensemble"``: the ensemble's report (the same keys but the counts) when ``ensemble`` is set.
+        ``{"per_patient_csv", "summary_csv", "crossval_md", "figures", "summary", "n_patients", "trained",
+        "skipped"}``, and ``"ensemble"``:
+        the ensemble's report (the same keys but the counts) when ``ensemble`` is set.
 
     Example::
 

@@ -22,7 +22,12 @@ from scse_monai.atomic import write_text_atomic
 from scse_monai.checkpoints import latest_checkpoint
 from scse_monai.networks.registry import network_target
 
-__all__ = ["BundleSettings", "Run", "bundle_configs"]
+__all__ = ["BundleSettings", "Run", "TrainingFailed", "bundle_configs"]
+
+
+class TrainingFailed(RuntimeError):
+    """A run's training process exited with an error; the message names the run and its log."""
+
 
 HELDOUT_CSV = "heldout.csv"
 CURVES_CSV = "training_curves.csv"
@@ -148,7 +153,7 @@ class Run:
         """Trains (or resumes) the run through ``train.json`` in a child process; its output goes to ``run.log``.
 
         Raises:
-            RuntimeError: the training process failed (the message names the log).
+            TrainingFailed: the training process failed (the message names the log).
         """
         if self.trained_epochs() >= epochs:  # killed between training and evaluation
             return
@@ -166,4 +171,6 @@ class Run:
             cmd = [sys.executable, "-m", "monai.bundle", "run", "--args_file", str(args_file)]
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
         if rc != 0:
-            raise RuntimeError(f"{self.name} seed {self.seed} fold {self.fold}: training failed (exit {rc}); see {log}")
+            raise TrainingFailed(
+                f"{self.name} seed {self.seed} fold {self.fold}: training failed (exit {rc}); see {log}"
+            )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from scse_monai.atomic import write_text_atomic
 from scse_monai.data.datalist import read_datalist
-from scse_monai.experiments.runs import BundleSettings
+from scse_monai.experiments.runs import BundleSettings, bundle_configs
 
 __all__ = ["ExperimentError", "bundle_settings", "check_seeds", "default_bundle_root", "make_folds", "open_experiment"]
 
@@ -29,7 +29,8 @@ def make_folds(datalist_file: str | Path, folds: int) -> dict:
     prepared fold, then id) are dealt round-robin into ``folds`` groups: every patient's volumes stay in one fold.
 
     Raises:
-        ExperimentError: unreadable datalist, no training items, or fewer patients than folds.
+        ExperimentError: unreadable datalist, no training items, a listed file missing, a fold that is not an
+            integer, or fewer patients than folds.
     """
     try:
         meta = read_datalist(datalist_file, absolute=True)
@@ -38,9 +39,10 @@ def make_folds(datalist_file: str | Path, folds: int) -> dict:
     items = meta.get("training")
     if not items or not all(isinstance(i, dict) and "image" in i and "label" in i for i in items):
         raise ExperimentError(f"--datalist {datalist_file}: no 'training' items with image and label")
+    _check_items(items, datalist_file)
     patients: dict[str, int] = {}
     for item in items:
-        patients.setdefault(str(item.get("patient", item["image"])), int(item.get("fold", 0)))
+        patients.setdefault(str(item.get("patient", item["image"])), item.get("fold", 0))
     if len(patients) < folds:
         raise ExperimentError(f"--folds {folds}: the datalist has only {len(patients)} patients")
     keep = sorted(set(patients.values())) == list(range(folds))
@@ -54,6 +56,18 @@ def make_folds(datalist_file: str | Path, folds: int) -> dict:
         item["fold"] = new_fold[str(item.get("patient", item["image"]))]
         out["training"].append(item)
     return out
+
+
+def _check_items(items: list[dict], datalist_file: str | Path) -> None:
+    """Every listed image and label exists and every ``fold`` is an integer, checked before any run starts."""
+    missing = [str(i[k]) for i in items for k in ("image", "label") if not Path(i[k]).is_file()]
+    if missing:
+        raise ExperimentError(
+            f"--datalist {datalist_file}: {len(missing)} of the listed files do not exist, e.g. {missing[0]}"
+        )
+    bad = [i["fold"] for i in items if "fold" in i and (isinstance(i["fold"], bool) or not isinstance(i["fold"], int))]
+    if bad:
+        raise ExperimentError(f"--datalist {datalist_file}: folds must be integers, found {bad[0]!r}")
 
 
 def check_seeds(seeds) -> list[int]:
@@ -125,14 +139,27 @@ def bundle_settings(
     if len(labels) < 2:
         raise ExperimentError(f"--datalist {datalist}: no 'labels' map with foreground classes")
     overrides: dict = {"num_classes": len(labels), "in_channels": max(1, len(folded.get("modality") or {0: ""}))}
-    for key, value in (bundle_overrides or {}).items():
-        if not isinstance(key, str) or not key or key.startswith("#"):
-            raise ExperimentError(f"--set: bad bundle id {key!r}")
-        overrides[key] = value
+    overrides.update(_checked_overrides(bundle_overrides or {}, bundle_root, extra))
     settings = BundleSettings(bundle_root, Path(), epochs, overrides, extra, str(datalist))
     if epochs is None:  # recorded as a number, so a resume cannot follow a changed bundle default
         settings.epochs = int(settings.bundle_value("epochs"))
     return settings, folded
+
+
+def _checked_overrides(bundle_overrides: dict, bundle_root: Path, extra: list[str]) -> dict:
+    """``bundle_overrides`` whose ids all exist in the bundle's configs (a mistyped id would be silently unused)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle_root, extra))
+    for key in bundle_overrides:
+        if not isinstance(key, str) or not key or key.startswith("#"):
+            raise ExperimentError(f"--set: bad bundle id {key!r}")
+        if key not in parser:
+            raise ExperimentError(
+                f"--set {key}: no such id in the bundle's configs ({', '.join(['train.json', *extra])})"
+            )
+    return dict(bundle_overrides)
 
 
 def open_experiment(out: str | Path, record: dict, settings: BundleSettings, folded: dict) -> tuple[Path, dict]:
