@@ -110,8 +110,8 @@ def compare(
             the seeds' networks (two or more seeds), scored and reported like the runs under ``OUT/ensemble/``.
 
     Returns:
-        ``{"results_csv", "results_md", "per_case_csv", "seeds_csv", "figures", "rows", "trained", "skipped"}``, and ``"ensemble"``:
-        the ensembles' report (the same keys but the counts) when ``ensemble`` is set.
+        ``{"results_csv", "results_md", "per_case_csv", "seeds_csv", "figures", "rows", "trained", "skipped"}``;
+        and ``"ensemble"``, the ensembles' report (the same keys but the counts), when ``ensemble`` is set.
 
     Raises:
         ExperimentError: invalid arguments, or ``out`` holds an experiment with another recipe.

@@ -78,8 +78,8 @@ def crossval(
 
     Returns:
         ``{"per_patient_csv", "summary_csv", "crossval_md", "figures", "summary", "n_patients", "trained",
-        "skipped"}``, and ``"ensemble"``:
-        the ensemble's report (the same keys but the counts) when ``ensemble`` is set.
+        "skipped"}``; and ``"ensemble"``, the ensemble's report (the same keys but the counts), when ``ensemble`` is
+        set.
 
     Example::
 
