@@ -130,8 +130,9 @@ def partition(
         ``[{"image": ..., "label": ..., "patient": ..., "fold": ...}, ...]``.
 
     Raises:
-        ValueError: unknown ``part``, or the requested part is empty (e.g. only one fold) although ``val_folds``
-            names folds.
+        ValueError: unknown ``part``.
+        InputError: (a ``ValueError``) the requested part is empty (e.g. only one fold) although ``val_folds`` names
+            folds, or a patient appears in several folds; under ``python -m monai.bundle``, one line and exit 1.
 
     Example::
 
@@ -155,9 +156,10 @@ def partition(
         if part == "all" or (part == "val") == is_val:
             items.append(dict(entry))
     if not items and not (part == "val" and not held_out):  # no val_folds: train on every patient
-        raise ValueError(
+        _fail(
             f"datalist {datalist_file}: no cases for part={part!r} with val_folds={sorted(held_out)} "
-            f"(folds present: {sorted({int(e.get('fold', 0)) for e in entries})})"
+            f"(folds present: {sorted({int(e.get('fold', 0)) for e in entries})})",
+            InputError,
         )
     return items
 

@@ -61,13 +61,15 @@ def test_bad_input_is_one_line_naming_the_file_and_no_output(tmp_path: Path, kin
 
 
 @pytest.mark.parametrize(
-    ("datalist", "message"),
-    [("{not json", "is not valid JSON"), ('{"training": [{"image": "a.nii.gz", "patient": "p", "fold": 0}, '
-     '{"image": "b.nii.gz", "patient": "p", "fold": 1}]}', "patients ['p'] appear in several folds")],
+    ("datalist", "args", "message"),
+    [("{not json", [], "is not valid JSON"), ('{"training": [{"image": "a.nii.gz", "patient": "p", "fold": 0}, '
+     '{"image": "b.nii.gz", "patient": "p", "fold": 1}]}', [], "patients ['p'] appear in several folds"),
+     ('{"training": [{"image": "a.nii.gz", "label": "a.nii.gz", "patient": "p", "fold": 0}]}', ["--val_folds", "[0]"],
+      "no cases for part='train' with val_folds=[0]")],
 )  # fmt: skip
-def test_bad_datalist_stops_training_in_one_line(tmp_path: Path, datalist: str, message: str) -> None:
+def test_bad_datalist_stops_training_in_one_line(tmp_path: Path, datalist: str, args: list, message: str) -> None:
     (tmp_path / "datalist.json").write_text(datalist)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/train.json"]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/train.json", *args]
     cmd += ["--bundle_root", "bundle", "--dataset_dir", str(tmp_path), "--ckpt_dir", str(tmp_path / "models")]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
