@@ -505,7 +505,7 @@ class TrainingCurvePlotter:
     Args:
         output_dir: folder for the files (created).
         evaluator: the validation engine (``@validate#evaluator`` in a bundle); optional.
-        metric_names: which evaluator metrics to record; default all numeric ones.
+        metric_names: which evaluator metrics to record; default all numeric ones (numbers and one-element tensors).
         every_n_epochs: also save after every N trainer epochs (0: only at ``COMPLETED``).
         loss_transform: ``engine.state.output`` -> loss (default ``from_engine(["loss"], first=True)``).
         filename_prefix: file name prefix.
@@ -587,11 +587,9 @@ class TrainingCurvePlotter:
         epoch = self._trainer.state.epoch if self._trainer is not None else evaluator.state.epoch
         row = self.history.setdefault(epoch, {})
         for k, v in evaluator.state.metrics.items():
-            if (self.metric_names is None or k in self.metric_names) and isinstance(v, (int, float, np.number)):
+            scalar = isinstance(v, (int, float, np.number)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+            if scalar and (self.metric_names is None or k in self.metric_names):
                 row[k] = float(v)
-            elif self.metric_names is not None and k in self.metric_names and isinstance(v, torch.Tensor):
-                if v.numel() == 1:
-                    row[k] = float(v)
         if self.every_n_epochs and epoch % self.every_n_epochs == 0 and self._trainer is not None:
             self.save()
 

@@ -267,7 +267,9 @@ def test_training_curve_plotter_records_and_resumes(tmp_path):
 
     @evaluator.on(Events.COMPLETED)
     def _metric(engine):
-        engine.state.metrics.update({"val_dice": 0.1 * trainer.state.epoch, "not_a_number": "x"})
+        per_class = torch.tensor([0.5, 0.7])  # not one number: left out
+        metrics = {"val_dice": 0.1 * trainer.state.epoch, "val_hd95": torch.tensor(2.0), "per_class": per_class}
+        engine.state.metrics.update({**metrics, "not_a_number": "x"})
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: evaluator.run([0]))
     plotter = TrainingCurvePlotter(tmp_path, evaluator=evaluator, every_n_epochs=2)
@@ -282,8 +284,8 @@ def test_training_curve_plotter_records_and_resumes(tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     for epoch, row in enumerate(rows, start=1):
         assert float(row["loss"]) == pytest.approx(np.mean(losses[3 * (epoch - 1) : 3 * epoch]), rel=1e-5)
-        assert float(row["val_dice"]) == pytest.approx(0.1 * epoch)
-    assert "not_a_number" not in rows[0]
+        assert float(row["val_dice"]) == pytest.approx(0.1 * epoch) and float(row["val_hd95"]) == 2.0
+    assert "not_a_number" not in rows[0] and "per_class" not in rows[0]
     assert saved_epochs[1] >= 1  # written during training (every 2 epochs), not only at the end
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
 
