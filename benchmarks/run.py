@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.timing import set_threads
+from scse_monai.atomic import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -74,14 +74,6 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     available = discover()
     parser = argparse.ArgumentParser(description="Run the scse-monai benchmarks.")
@@ -128,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["benchmarks"][name] = result
     report["meta"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     markdown = to_markdown(report)
-    _write_atomic(args.out / "latest.json", json.dumps(report, indent=2, default=str) + "\n")
-    _write_atomic(args.out / "latest.md", markdown + "\n")
+    write_text_atomic(args.out / "latest.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomic(args.out / "latest.md", markdown + "\n")
     print()
     print(markdown)
     print(f"\nwritten: {args.out / 'latest.json'}, {args.out / 'latest.md'}")
