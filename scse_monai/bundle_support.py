@@ -216,13 +216,16 @@ def class_voxel_counts(datalist_file: str, num_classes: int | None = None) -> di
     return {str(k): int(v) for k, v in enumerate(total)}
 
 
-def check_inference_input(dataset_dir: str) -> None:
+def check_inference_input(dataset_dir: str, ckpt_path: str | None = None) -> None:
     """Fail in one line when ``dataset_dir`` holds nothing :func:`inference_data` can segment, or a volume that
-    cannot be read in full (``InputError``), before anything is written.
+    cannot be read in full (``InputError``), or ``ckpt_path`` (when given) is missing or not a readable checkpoint,
+    before anything is written.
 
     ``inference.json`` runs this first in ``run`` (not while the workflow is created), so that creating the
     workflow and ``check_properties()`` work without data, as model-zoo's CI and MONAI Label do them.
     """
+    if ckpt_path is not None:
+        _check_checkpoint(ckpt_path)
     if not Path(dataset_dir).exists():
         _fail(
             f"dataset_dir {dataset_dir} does not exist; pass --dataset_dir DIR (imagesTs/ or imagesTr/ with NIfTI "
@@ -236,6 +239,18 @@ def check_inference_input(dataset_dir: str) -> None:
         reason = _unreadable(Path(item["image"]))
         if reason:
             _fail(f"image {item['image']} cannot be read: {reason}", InputError)
+
+
+def _check_checkpoint(ckpt_path: str) -> None:
+    """One line naming ``ckpt_path`` when it is missing or cannot be read as a checkpoint."""
+    from scse_monai.networks import ensemble_size
+
+    if not Path(ckpt_path).is_file():
+        _fail(f"ckpt_path {ckpt_path} does not exist; pass --ckpt_path FILE (the bundle's models/model.pt)")
+    try:
+        ensemble_size(ckpt_path)  # reads the file: a truncated or foreign file fails here, naming it
+    except ValueError as e:
+        _fail(f"ckpt_path {e}", InputError)
 
 
 def _unreadable(path: Path) -> str | None:

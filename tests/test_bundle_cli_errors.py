@@ -60,6 +60,19 @@ def test_bad_input_is_one_line_naming_the_file_and_no_output(tmp_path: Path, kin
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize(("kind", "message"), [("missing", "does not exist"), ("garbage", "not a readable PyTorch")])
+def test_a_bad_ckpt_path_is_one_line_naming_it_and_no_output(tmp_path: Path, kind: str, message: str) -> None:
+    ckpt = tmp_path / f"{kind}.pt"
+    if kind == "garbage":
+        ckpt.write_bytes(b"not a checkpoint")
+    out = tmp_path / "out"
+    res = _infer(_volume(tmp_path / "ok.nii.gz"), out, "--ckpt_path", str(ckpt))
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and len(errors) == 1, res.stderr[-3000:]
+    assert f"ckpt_path {ckpt}" in errors[0] and message in errors[0], errors
+    assert "Traceback" not in res.stderr + res.stdout and not out.exists(), res.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     ("datalist", "args", "message"),
     [("{not json", [], "is not valid JSON"), ('{"training": [{"image": "a.nii.gz", "patient": "p", "fold": 0}, '
