@@ -2,13 +2,6 @@
 
 They are plain classes usable by ``_target_`` in a MONAI bundle config:
 
-- :class:`NormalizeModalityd`: per-modality intensity normalisation (CT: HU window -> [0, 1]; MR: per-volume
-  percentile scaling or z-score, per channel). Wraps MONAI's ScaleIntensityRange / ScaleIntensityRangePercentiles /
-  NormalizeIntensity so that one config entry switches with the dataset's modality.
-- :class:`RandForegroundSlicesd`: 2D slices from a 3D volume, foreground slices oversampled. MONAI has no single
-  transform for this; it is MONAI's ``RandCropByPosNegLabeld`` with ``spatial_size`` full in-plane and 1 along
-  the slice axis, followed by ``SqueezeDimd``, packaged as one class so the pair cannot be misconfigured (slice
-  axis in the crop and in the squeeze must agree).
 - :class:`CheckInputd`: refuse an input a network cannot segment (non-finite voxels, wrong channels or dimensions)
   with an error naming the file, instead of a silent all-background result.
 - :class:`RandFlipLeftRightd`: left-right flip that also swaps left/right label values (e.g. right kidney 2 <->
@@ -16,20 +9,15 @@ They are plain classes usable by ``_target_`` in a MONAI bundle config:
 - :class:`RandLabelIntensityScaled`: a random intensity factor per labelled organ (disease changes one organ's
   signal, not the whole image's); MONAI's intensity transforms act on the whole image.
 
-Label remapping needs nothing new: use MONAI's ``MapLabelValued`` (e.g. a VISCERAL label map -> CHAOS indices).
+Everything else is MONAI's own: ``ScaleIntensityRangePercentilesd`` (MR) or ``ScaleIntensityRanged`` (CT window)
+for normalisation, ``RandCropByPosNegLabeld`` with ``spatial_size=(-1, -1, 1)`` + ``SqueezeDimd(dim=-1)`` for
+foreground-weighted 2D slices (as the bundle's ``train.json`` does), ``MapLabelValued`` for label remapping (e.g.
+a VISCERAL label map -> CHAOS indices).
 
 Orientation and spacing: after ``Orientationd(axcodes="RAS")`` axis 0 runs toward the patient's right, axis 1
-anterior, axis 2 superior, so axial slices are along the last spatial axis (``slice_axis=2``) and the left-right
-axis is spatial axis 0. Resample in-plane only (``Spacingd(pixdim=(s, s, -1))`` keeps the slice spacing), with
+anterior, axis 2 superior, so axial slices are along the last spatial axis and the left-right axis is spatial
+axis 0. Resample in-plane only (``Spacingd(pixdim=(s, s, -1))`` keeps the slice spacing), with
 ``mode=("bilinear", "nearest")``: masks are only ever resampled with nearest neighbour.
-
-Example (train, for a 2D network; ``modality`` comes from the datalist)::
-
-    LoadImaged(keys=["image", "label"]) -> EnsureChannelFirstd -> Orientationd(axcodes="RAS")
-    -> Spacingd(pixdim=(1.5, 1.5, -1), mode=("bilinear", "nearest"))
-    -> NormalizeModalityd(keys="image", modality="MR")
-    -> ResizeWithPadOrCropd(spatial_size=(256, 256, -1))
-    -> RandForegroundSlicesd(keys=["image", "label"], label_key="label", num_samples=8, pos=2, neg=1)
 """
 
 from __future__ import annotations
@@ -39,153 +27,15 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import (
-    Flip,
-    GaussianSmooth,
-    MapTransform,
-    NormalizeIntensity,
-    RandCropByPosNegLabeld,
-    Randomizable,
-    ScaleIntensityRange,
-    ScaleIntensityRangePercentiles,
-    SqueezeDimd,
-)
+from monai.transforms import Flip, GaussianSmooth, MapTransform, Randomizable
 
 from scse_monai.errors import InputError
 
 __all__ = [
     "CheckInputd",
-    "NormalizeModalityd",
-    "RandForegroundSlicesd",
     "RandFlipLeftRightd",
     "RandLabelIntensityScaled",
-    "CT_ABDOMEN_WINDOW",
 ]
-
-#: Abdominal soft-tissue window (level 40 HU, width 400 HU).
-CT_ABDOMEN_WINDOW = (-160.0, 240.0)
-
-
-class NormalizeModalityd(MapTransform):
-    """Intensity normalisation chosen by modality.
-
-    - ``CT``: clip to the HU window ``ct_window`` and scale it to [0, 1] (values are HU, see data preparation).
-    - ``MR`` with ``mr_method="percentile"``: per volume and channel, map the ``lower``/``upper`` percentiles to
-      0/1 and clip (robust to the bright outliers and bias field of MR).
-    - ``MR`` with ``mr_method="zscore"``: per volume and channel, subtract the mean, divide by the std.
-
-    Args:
-        keys: image keys.
-        modality: ``"CT"`` or ``"MR"`` (case-insensitive; ``"MRI"``, ``"T1"``, ``"T2"`` count as MR).
-        ct_window: (min, max) HU for CT.
-        mr_method: ``"percentile"`` or ``"zscore"``.
-        lower: lower percentile for MR.
-        upper: upper percentile for MR.
-        allow_missing_keys: don't raise if a key is missing.
-
-    Example:
-        >>> t = NormalizeModalityd(keys="image", modality="CT")
-        >>> float(t({"image": torch.tensor([[[-1000.0, 40.0, 3000.0]]])})["image"][0, 0, 1])
-        0.5
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        modality: str = "MR",
-        ct_window: Sequence[float] = CT_ABDOMEN_WINDOW,
-        mr_method: str = "percentile",
-        lower: float = 1.0,
-        upper: float = 99.0,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        mod = str(modality).upper()
-        if mod == "CT":
-            self.op = ScaleIntensityRange(a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True)
-        elif mod in ("MR", "MRI", "T1", "T2") or mod.startswith("MR"):
-            if mr_method == "percentile":
-                self.op = ScaleIntensityRangePercentiles(lower, upper, 0.0, 1.0, clip=True, channel_wise=True)
-            elif mr_method == "zscore":
-                self.op = NormalizeIntensity(channel_wise=True)
-            else:
-                raise ValueError(f"mr_method must be 'percentile' or 'zscore', got {mr_method!r}")
-        else:
-            raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.op(d[key])
-        return d
-
-
-class RandForegroundSlicesd(Randomizable, MapTransform):
-    """Sample ``num_samples`` 2D slices from channel-first 3D volumes, foreground slices more often.
-
-    A voxel is drawn as the centre: with probability ``pos / (pos + neg)`` a foreground voxel of ``label_key``
-    (label > 0), otherwise a background voxel; the slice through it along ``slice_axis`` is returned with that
-    axis removed. Foreground slices are thus chosen in proportion to their foreground area. Built on MONAI's
-    ``RandCropByPosNegLabeld`` (crop ``(-1, -1, 1)``) + ``SqueezeDimd``.
-
-    Args:
-        keys: keys to slice (image and label).
-        label_key: label used to find foreground.
-        num_samples: slices per volume (returns a list of dicts).
-        pos: weight of foreground-centred slices.
-        neg: weight of background-centred slices.
-        slice_axis: spatial axis (0, 1, 2) across which slices are taken; 2 = axial after ``Orientationd("RAS")``.
-        image_key: if given, background centres are drawn only where ``image > image_threshold`` (inside the body).
-        image_threshold: threshold for ``image_key``.
-        allow_missing_keys: don't raise if a key is missing.
-
-    Example:
-        >>> t = RandForegroundSlicesd(["image", "label"], label_key="label", num_samples=2)
-        >>> out = t({"image": torch.rand(1, 8, 8, 5), "label": torch.ones(1, 8, 8, 5)})
-        >>> len(out), tuple(out[0]["image"].shape)
-        (2, (1, 8, 8))
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        label_key: str = "label",
-        num_samples: int = 4,
-        pos: float = 2.0,
-        neg: float = 1.0,
-        slice_axis: int = 2,
-        image_key: str | None = None,
-        image_threshold: float = 0.0,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        if slice_axis not in (0, 1, 2):
-            raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
-        size = [-1, -1, -1]
-        size[slice_axis] = 1
-        self.cropper = RandCropByPosNegLabeld(
-            keys=keys,
-            label_key=label_key,
-            spatial_size=size,
-            pos=pos,
-            neg=neg,
-            num_samples=num_samples,
-            image_key=image_key,
-            image_threshold=image_threshold,
-            allow_missing_keys=allow_missing_keys,
-        )
-        self.squeeze = SqueezeDimd(keys=keys, dim=slice_axis + 1, allow_missing_keys=allow_missing_keys)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.cropper.set_random_state(seed, state)
-        return self
-
-    def randomize(self, data=None) -> None:  # randomness lives in the wrapped cropper
-        pass
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> list[dict[Hashable, torch.Tensor]]:
-        return [self.squeeze(s) for s in self.cropper(data)]
 
 
 class RandFlipLeftRightd(Randomizable, MapTransform):

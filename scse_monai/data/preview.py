@@ -13,20 +13,24 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from ..atomic import write_atomically  # noqa: E402
 from .datalist import case_name, read_datalist  # noqa: E402
 from .errors import DataPreparationError  # noqa: E402
 
-__all__ = ["preview_case", "find_case"]
+__all__ = ["preview_case", "CT_ABDOMEN_WINDOW"]
+
+#: Abdominal soft-tissue window in HU (level 40, width 400): how CT previews are displayed.
+CT_ABDOMEN_WINDOW = (-160.0, 240.0)
 
 _COLOURS = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
 
 
-def find_case(datalist: str | Path, case: str) -> dict:
-    """Datalist item whose case name (e.g. ``chaos_mr_t2_01``) or ``patient`` equals ``case``."""
-    return _find_case(read_datalist(datalist), case, datalist)
-
-
 def _find_case(doc: dict, case: str, datalist: str | Path) -> dict:
+    """The ``training`` item of ``doc`` whose case name (``chaos_mr_t2_01``) or ``patient`` equals ``case``.
+
+    Raises:
+        DataPreparationError: no such case (names the datalist and lists its cases).
+    """
     for it in doc.get("training", []):
         if case in (case_name(it["image"]), str(it.get("patient"))):
             return it
@@ -38,43 +42,82 @@ def preview_case(datalist: str | Path, case: str, out: str | Path, slices: int =
     """Write a PNG montage of ``slices`` axial slices of one case with its labels overlaid.
 
     Slices are spread evenly over the slices that contain labels (all slices if none). Display is radiological:
-    patient's right on the image left, anterior at the top (the volume is reoriented to RAS first).
+    patient's right on the image left, anterior at the top (the volume is reoriented to RAS first). The PNG is
+    written to a temporary file and renamed, so ``out`` is either complete or absent.
 
     Args:
         datalist: ``datalist.json`` written by ``prepare``.
         case: case name (``chaos_mr_t2_01``) or patient id.
         out: output PNG path.
-        slices: number of slices in the montage.
-        columns: montage columns.
+        slices: number of slices in the montage (>= 1).
+        columns: montage columns (>= 1).
 
     Returns:
         the PNG path.
 
+    Raises:
+        ValueError: ``slices`` or ``columns`` below 1 (checked before anything is read or written).
+        DataPreparationError: the datalist, the case or one of its files is missing or unreadable, or ``out`` is a
+            folder (names the file).
+
     Example:
         >>> preview_case("prepared/datalist.json", "chaos_mr_t2_01", "overlay.png")  # doctest: +SKIP
     """
+    if slices < 1:
+        raise ValueError(f"--slices must be >= 1, got {slices}")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    if not Path(datalist).is_file():
+        raise DataPreparationError("datalist does not exist or is not a file", file=datalist)
+    if Path(out).is_dir():
+        raise DataPreparationError("is a folder; --out takes the PNG file to write", file=out)
     doc = read_datalist(datalist, absolute=True)
     item = _find_case(doc, case, datalist)
-    img = nib.as_closest_canonical(nib.load(item["image"]))
-    lab = nib.as_closest_canonical(nib.load(item["label"]))
-    image = np.asanyarray(img.dataobj).astype(np.float32)
+    img, image = _load(item["image"])
+    _, label = _load(item["label"])
     if image.ndim == 4:
         image = image[..., 0]  # first channel (T1-DUAL: in-phase)
-    label = np.asanyarray(lab.dataobj).astype(np.int64)
     if image.shape != label.shape:
         raise DataPreparationError(f"image {image.shape} and label {label.shape} differ in shape", file=item["label"])
+    fig = _montage(image, label.astype(np.int64), img.header.get_zooms()[:3], doc, slices, columns)
+    try:
+        fig.suptitle(f"{case_name(item['image'])}  (patient {item.get('patient')}, fold {item.get('fold')})")
+        fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+        return write_atomically(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def _load(path: str) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A datalist volume reoriented to RAS, and its voxels as float32.
+
+    Raises:
+        DataPreparationError: the file is missing or not a readable NIfTI volume (names the file).
+    """
+    if not Path(path).is_file():
+        raise DataPreparationError("file listed in the datalist does not exist", file=path)
+    try:
+        img = nib.as_closest_canonical(nib.load(path))
+        return img, np.asanyarray(img.dataobj).astype(np.float32)
+    except Exception as e:  # not NIfTI, truncated gzip, ...: assorted errors
+        raise DataPreparationError(f"cannot read NIfTI ({type(e).__name__}: {e})", file=path) from None
+
+
+def _montage(
+    image: np.ndarray, label: np.ndarray, zooms: tuple[float, ...], doc: dict, slices: int, columns: int
+) -> plt.Figure:
+    """The figure of :func:`preview_case`, without its title: ``slices`` slices through the labelled range."""
     fg = np.flatnonzero(label.reshape(-1, label.shape[2]).any(axis=0))
     lo, hi = (fg[0], fg[-1]) if fg.size else (0, label.shape[2] - 1)
     ks = np.unique(np.linspace(lo, hi, min(slices, hi - lo + 1)).round().astype(int))
     if doc.get("modality", {}).get("0") == "CT":
-        vmin, vmax = -160.0, 240.0
+        vmin, vmax = CT_ABDOMEN_WINDOW
     else:
         vmin, vmax = np.percentile(image, [1, 99.5])
     names = doc.get("labels", {})
     ncls = max(int(k) for k in names) + 1 if names else int(label.max()) + 1
     cmap = ListedColormap([(0, 0, 0, 0)] + [(*_COLOURS[(c - 1) % len(_COLOURS)], 1.0) for c in range(1, ncls)])
     rows = int(np.ceil(len(ks) / columns))
-    zooms = img.header.get_zooms()[:3]
     aspect = zooms[1] / zooms[0]
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows * aspect + 0.6), squeeze=False)
     for ax in axes.ravel():
@@ -90,10 +133,4 @@ def preview_case(datalist: str | Path, case: str, out: str | Path, slices: int =
     present = sorted(int(c) for c in np.unique(label) if c > 0)
     handles = [Patch(color=cmap(c), label=names.get(str(c), str(c))) for c in present]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8)
-    fig.suptitle(f"{case_name(item['image'])}  (patient {item.get('patient')}, fold {item.get('fold')})")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return fig

@@ -476,15 +476,16 @@ def synthesize(layout: str, out: str | Path, cases: int, seed: int = 0, **kw) ->
         ``out`` as a Path.
 
     Raises:
+        ValueError: a bad ``layout``, ``cases``, ``seed``, ``size`` or ``slices``, named as the command line spells
+            it; raised before anything is written.
         DataPreparationError: a patient folder / volume it would write already exists (nothing is overwritten).
 
     Example:
         >>> synthesize("chaos-mr", tmp_path / "Train_Sets", cases=2, size=64, slices=(10, 12))  # doctest: +SKIP
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if cases < 1:
-        raise ValueError(f"cases must be >= 1, got {cases}")
+    size = int(kw.get("size", 128))
+    smin, smax = kw.get("slices", (24, 36))
+    _check_arguments(layout, cases, seed, size, (smin, smax))
     out = Path(out)
     # never overwrite: refuse if any target patient folder / volume already exists
     for c in range(cases):
@@ -495,8 +496,6 @@ def synthesize(layout: str, out: str | Path, cases: int, seed: int = 0, **kw) ->
         if target.exists():
             raise DataPreparationError("already exists; not overwriting (choose an empty --out)", file=target)
     out.mkdir(parents=True, exist_ok=True)
-    size = int(kw.get("size", 128))
-    smin, smax = kw.get("slices", (24, 36))
     master = np.random.default_rng(seed)
     case_seeds = master.integers(0, 2**31, size=cases)
     for c in tqdm(range(cases), desc=f"synthesize {layout}", disable=not kw.get("progress", True)):
@@ -507,3 +506,20 @@ def synthesize(layout: str, out: str | Path, cases: int, seed: int = 0, **kw) ->
         else:
             _chaos_case(ph, out, layout, str(c + 1), reverse=(c % 2 == 1), seed=seed, kw=kw)
     return out
+
+
+def _check_arguments(layout: str, cases: int, seed: int, size: int, slices: tuple[int, int]) -> None:
+    """Refuse values :func:`synthesize` cannot use, naming the command-line option.
+
+    Raises:
+        ValueError: one line, e.g. ``--size must be >= 1, got 0``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    for option, value in (("--cases", cases), ("--size", size)):
+        if value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    if not 1 <= slices[0] <= slices[1]:
+        raise ValueError(f"--slices MIN MAX needs 1 <= MIN <= MAX, got {slices[0]} {slices[1]}")
