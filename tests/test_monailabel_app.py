@@ -33,6 +33,8 @@ ORGANS = {"liver": 1, "right kidney": 2, "left kidney": 3, "spleen": 4}  # bundl
 CHAOS_SAMPLE = REPO.parent / "shared" / "data" / "CHAOS_sample" / "Train_Sets"  # real data, optional
 REAL_PATIENT = "3"
 UPLOAD_MB = 1  # the server's upload limit in these tests
+TRAIN_OPTIONS = {"max_epochs", "val_split", "device", "pretrained"}  # all a train request may set (lib/security.py)
+DOCS = REPO / "docs" / "apps.md"
 TRAINED = (BUNDLE / "models" / "model.pt").exists()
 
 pytestmark = [
@@ -103,7 +105,7 @@ def _free_port() -> int:
 
 
 def _request(
-    url: str, method: str = "GET", body: dict | None = None, timeout: float = 300, headers: dict | None = None
+    url: str, method: str = "GET", body: dict | list | None = None, timeout: float = 300, headers: dict | None = None
 ) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
@@ -159,46 +161,61 @@ def _declared_upload(url: str, length: int) -> tuple[int, bytes]:
         conn.close()
 
 
+def _start_server(studies: Path, log: Path, conf: dict) -> tuple[subprocess.Popen, str]:
+    """``monailabel start_server`` on a free loopback port with ``--conf`` pairs ``conf``; output goes to ``log``."""
+    port = _free_port()
+    cmd = [
+        LABEL_PY, "-m", "monailabel.main", "start_server", "--app", APP,
+        "--studies", studies, "--host", "127.0.0.1", "--port", port,
+    ]  # fmt: skip
+    for key, value in conf.items():
+        cmd += ["--conf", key, value]
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _ready(proc: subprocess.Popen, url: str, log: Path) -> bool:
+    """Poll ``/info/`` until the server answers (True) or its process exits (False); fail after 180 s."""
+    deadline = time.monotonic() + 180
+    while proc.poll() is None:
+        try:
+            if _request(f"{url}/info/", timeout=5)[0] == 200:
+                return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"server neither ready nor ended after 180 s:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()  # by PID: only the server this test started
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("monailabel")
     bundle = _bundle_copy(tmp / "bundle")
     studies = _studies(tmp)
     workspace = tmp / "workspace"
-    port = _free_port()
-    log = (tmp / "server.log").open("w")
-    cmd = [
-        LABEL_PY, "-m", "monailabel.main", "start_server", "--app", APP,
-        "--studies", studies, "--host", "127.0.0.1", "--port", port,
-        "--conf", "bundle", bundle, "--conf", "workspace", workspace, "--conf", "max_upload_mb", UPLOAD_MB,
-    ]  # fmt: skip
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    log = tmp / "server.log"
+    proc, url = _start_server(studies, log, {"bundle": bundle, "workspace": workspace, "max_upload_mb": UPLOAD_MB})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-4000:]}")
-            try:
-                if _request(f"{url}/info/", timeout=5)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 180 s:\n{(tmp / 'server.log').read_text()[-4000:]}")
-            time.sleep(1)
+        if not _ready(proc, url, log):
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         yield {
-            "url": url, "studies": studies, "bundle": bundle, "workspace": workspace, "log": tmp / "server.log",
+            "url": url, "studies": studies, "bundle": bundle, "workspace": workspace, "log": log,
             "real_label": tmp / "real_prepared" / "labelsTr",
         }  # fmt: skip
     finally:
-        proc.terminate()  # by PID: only the server this fixture started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        _stop(proc)
 
 
 def test_info_lists_model_and_organ_labels(server):
@@ -210,7 +227,15 @@ def test_info_lists_model_and_organ_labels(server):
     assert model["dimension"] == 3  # a 2D network served on volumes
     assert model["labels"] == ORGANS
     assert info["labels"] == ORGANS
-    assert MODEL in info["trainers"]
+    assert set(info["trainers"][MODEL]["config"]) == TRAIN_OPTIONS  # clients are shown what they may send
+    documented = json.loads(_documented_output("$ curl -s http://127.0.0.1:8732/info/"))
+    assert documented == {key: model[key] for key in documented}  # docs/apps.md shows what the server answers
+
+
+def _documented_output(command: str) -> str:
+    """The line that a console transcript in docs/apps.md shows right after ``command``."""
+    lines = DOCS.read_text().splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.startswith(command)) + 1]
 
 
 def _bundle_reference(server, image: Path) -> np.ndarray:
@@ -269,6 +294,37 @@ def test_unknown_model_or_image_is_404_and_server_keeps_serving(server):
     assert _request(f"{server['url']}/info/")[0] == 200
 
 
+def _finished_training(server) -> dict:
+    """Polls ``/train/`` until the running training task is DONE or ERROR; returns the task."""
+    deadline = time.monotonic() + 600
+    while True:
+        status, body = _request(f"{server['url']}/train/")
+        task = json.loads(body)
+        if status == 200 and task.get("status") in ("DONE", "ERROR"):
+            return task
+        assert time.monotonic() < deadline, f"training still running after 600 s: {task}"
+        time.sleep(2)
+
+
+def test_train_refuses_a_label_with_values_outside_the_classes(server):
+    label = sorted((server["studies"] / "labels" / "final").glob("*.nii.gz"))[0]
+    original, models = label.read_bytes(), server["workspace"] / "models"
+    before = {p.name: p.stat().st_mtime_ns for p in models.glob("*.pt")}
+    img = nib.load(label)
+    data = np.asarray(img.dataobj).copy()
+    data.flat[0] = 9  # five classes: 0..4
+    try:
+        nib.save(nib.Nifti1Image(data, img.affine), label)
+        status, body = _request(f"{server['url']}/train/{MODEL}", method="POST", body={"max_epochs": 1})
+        assert status == 200, body[-2000:]
+        task = _finished_training(server)
+    finally:
+        label.write_bytes(original)
+    details = "\n".join(task.get("details", []))
+    assert task["status"] == "ERROR" and f"label {label}: values outside 0..4" in details, details[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in models.glob("*.pt")} == before  # the served weights untouched
+
+
 def test_train_one_epoch_writes_a_checkpoint(server):
     models = server["workspace"] / "models"
     before = {p.name: p.stat().st_mtime_ns for p in models.glob("*.pt")}
@@ -278,14 +334,7 @@ def test_train_one_epoch_writes_a_checkpoint(server):
     )
     assert status == 200, body[-2000:]
     assert _request(f"{server['url']}/info/")[0] == 200
-    deadline = time.monotonic() + 600
-    while True:
-        status, body = _request(f"{server['url']}/train/")
-        task = json.loads(body)
-        if status == 200 and task.get("status") in ("DONE", "ERROR"):
-            break
-        assert time.monotonic() < deadline, f"training still running after 600 s: {task}"
-        time.sleep(2)
+    task = _finished_training(server)
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
 
     epoch_ckpt = models / "checkpoint_epoch=1.pt"
@@ -298,6 +347,10 @@ def test_train_one_epoch_writes_a_checkpoint(server):
     assert not any(p.name.endswith(".partial") for p in models.iterdir())
     log = server["log"].read_text()
     assert "Fine-tuning on 1 labelled images" in log
+    datalist = json.loads((server["workspace"] / "monailabel_train" / "datalist.json").read_text())
+    assert set(datalist) == {"name", "labels", "training"}  # what train.json reads: no class counts it never uses
+    metadata = json.loads((server["bundle"] / "configs" / "metadata.json").read_text())
+    assert datalist["labels"] == metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
     if ensemble_size(server["bundle"] / "models" / "model.pt") > 1:
         assert "holds an ensemble: fine-tuning its first network" in log
         assert "Add Checkpoint Loader for Path:" in log and "pretrained_network_0.pt" in log  # not from scratch
@@ -400,3 +453,65 @@ def test_uploads_are_checked_and_errors_are_4xx(server, tmp_path):
     assert not {"junk", "big", "exe", "nan", "p"} & set(listed.get("objects", listed))
     assert not list(server["studies"].glob("junk*")) and not list(server["studies"].glob("nan*"))
     assert _request(f"{url}/info/")[0] == 200
+
+
+def test_train_takes_only_the_documented_options(server, tmp_path):
+    """A train request sets max_epochs, val_split, device and pretrained, with valid values: no weights path,
+    no tracking target, no bundle run id; a refused request never reaches the train task."""
+    url = server["url"]
+    secret = tmp_path / "secret.pt"
+    torch.save({}, secret)
+    refused = [
+        ({"model_filename": str(secret)}, "model_filename"),
+        ({"max_epochs": 1, "tracking": "mlflow", "tracking_uri": (tmp_path / "mlruns").as_uri()}, "tracking"),
+        ({"run_id": "initialize"}, "run_id"),
+        ({"max_epochs": "1"}, "max_epochs"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"val_split": 1.5}, "val_split"),
+        ({"device": str(secret)}, "device"),
+        ({"pretrained": "yes"}, "pretrained"),
+    ]
+    for body, key in refused:
+        status, answer = _request(f"{url}/train/{MODEL}", method="POST", body=body)
+        assert status == 400 and f"train option '{key}'".encode() in answer, (body, status, answer)
+    status, answer = _request(f"{url}/train/", method="POST", body={MODEL: {"model_filename": str(secret)}})
+    assert status == 400 and MODEL.encode() in answer, (status, answer)
+    assert _request(f"{url}/train/{MODEL}", method="POST", body=[1])[0] == 400
+    assert str(secret) not in server["log"].read_text()
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_weights_and_sessions_are_out_of_reach(server, tmp_path):
+    """Nobody replaces, deletes or downloads the served weights, and no upload lands outside STUDIES."""
+    url = server["url"]
+    model = server["workspace"] / "models" / "model.pt"
+    weights, before = model.read_bytes(), _outside_files(server)
+    status, body = _upload(f"{url}/model/{MODEL}", {"file": ("model.pt", b"small: sent before the answer")})
+    assert status == 403 and b"weights" in body, (status, body[:300])
+    status, body = _request(f"{url}/model/{MODEL}")
+    assert status == 403 and b"weights" in body, (status, body[:300])
+    assert _request(f"{url}/model/{MODEL}", method="DELETE")[0] == 403
+    assert model.read_bytes() == weights and not list(model.parent.glob("*.deleted"))
+    volume = _nifti_bytes(tmp_path, np.zeros((8, 8, 4), np.float32))
+    status, body = _upload(f"{url}/session/", {"files": ("v.nii.gz", volume)})
+    assert status == 403 and b"session" in body, (status, body[:300])
+    assert _request(f"{url}/session/some_id")[0] == 403
+    assert _request(f"{url}/session/some_id", method="DELETE")[0] == 403
+    assert _outside_files(server) - before == set()
+
+
+@pytest.mark.parametrize("value", ["abc", "-1"])
+def test_bad_max_upload_mb_stops_the_server_with_one_line(tmp_path, value):
+    """``max_upload_mb`` must be a finite number > 0: else the app does not start, names the key and writes nothing."""
+    (tmp_path / "studies").mkdir()
+    workspace, log = tmp_path / "workspace", tmp_path / "server.log"
+    conf = {"bundle": BUNDLE, "workspace": workspace, "max_upload_mb": value}
+    proc, url = _start_server(tmp_path / "studies", log, conf)
+    try:
+        assert not _ready(proc, url, log), f"the server started with max_upload_mb {value}"
+    finally:
+        _stop(proc)
+    assert proc.returncode != 0
+    message = f"ValueError: --conf max_upload_mb '{value}': must be a finite number of MiB greater than 0"
+    assert message in log.read_text().splitlines(), log.read_text()[-3000:]
+    assert not workspace.exists()

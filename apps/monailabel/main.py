@@ -6,15 +6,18 @@
     ``model``: model name in ``/info/`` and ``/infer/<model>`` (default ``scse_unet``).
     ``preload``: ``true`` to load the weights at start-up.
     ``cors_origins``: comma-separated origins allowed to make cross-origin requests (default none: CORS off).
-    ``max_upload_mb``: largest accepted request body / uploaded image or label, in MiB (default 1024).
+    ``max_upload_mb``: largest accepted request body / uploaded image or label, in MiB (default 1024); a finite
+    number > 0, else the app fails to start with one line naming the key.
 
 Requests are guarded by ``lib/security.py``: datastore ids are ids, never paths; ``/infer`` takes only datastore
-ids; uploads are read before they are registered; errors are 4xx with a message (docs/apps.md, security model).
+ids; uploads are read before they are registered; train requests set only a few options; the weights
+(``/model``) and sessions are out of reach; errors are 4xx with a message (docs/apps.md, security model).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from fastapi import HTTPException
@@ -31,6 +34,22 @@ from scse_monai.apps.organs import organ_labels
 logger = logging.getLogger(__name__)
 
 
+def upload_limit_bytes(conf: dict[str, str]) -> int:
+    """The ``max_upload_mb`` conf value (default 1024 MiB) in bytes.
+
+    Raises:
+        ValueError: one line naming the conf key, unless the value is a finite number greater than 0.
+    """
+    value = conf.get("max_upload_mb", "1024")
+    try:
+        mib = float(value)
+    except (TypeError, ValueError):
+        mib = math.nan
+    if not (math.isfinite(mib) and mib > 0):
+        raise ValueError(f"--conf max_upload_mb {value!r}: must be a finite number of MiB greater than 0")
+    return max(1, int(mib * 1024 * 1024))
+
+
 class SEBundleApp(MONAILabelApp):
     """MONAI Label app serving the scse_monai bundle (liver, right kidney, left kidney, spleen).
 
@@ -41,12 +60,12 @@ class SEBundleApp(MONAILabelApp):
     """
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        self.max_upload_bytes = upload_limit_bytes(conf)  # before anything is written
         source = Path(conf.get("bundle") or default_bundle())
         workspace = Path(conf.get("workspace") or Path(studies) / ".scse_monai" / "bundle")
         self.bundle_dir = prepare_workspace(source, workspace)
         self.model_name = conf.get("model", "scse_unet")
         self.cors_origins = [o.strip() for o in conf.get("cors_origins", "").split(",") if o.strip()]
-        self.max_upload_bytes = int(float(conf.get("max_upload_mb", "1024")) * 1024 * 1024)
         metadata = read_metadata(self.bundle_dir)
         labels = {name: value for value, name in organ_labels(metadata).items()}
         logger.info(f"Serving bundle {source} (version {metadata.get('version')}) from {self.bundle_dir}")

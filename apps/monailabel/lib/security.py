@@ -6,7 +6,10 @@ MONAI Label 0.8.5 does not guard these itself:
   absolute path or ``.scse_monai/...`` reach files outside the studies or the served weights;
 - its FastAPI app answers CORS for any origin, with credentials;
 - an upload is registered without being read, whatever its size;
-- invalid JSON in ``params`` and most errors inside a route end as a bare HTTP 500.
+- invalid JSON in ``params`` and most errors inside a route end as a bare HTTP 500;
+- ``POST /train`` merges any JSON keys into the train request (``model_filename`` becomes a path that is read,
+  ``tracking_uri`` a place that is written);
+- ``/model`` replaces, deletes and serves the weights, and ``/session`` stores uploads outside the studies folder.
 
 :class:`RequestGuard` wraps the whole ASGI application (outside MONAI Label's own middleware) and
 :class:`GuardedDatastore` replaces the local datastore; ``main.py`` installs both.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -26,6 +30,7 @@ from urllib.parse import parse_qsl, urlsplit
 import nibabel as nib
 import numpy as np
 from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.exception import (
     ImageNotFoundException,
@@ -33,8 +38,18 @@ from monailabel.interfaces.exception import (
     MONAILabelError,
     MONAILabelException,
 )
+from monailabel.utils.others.generic import device_list
 
-__all__ = ["GuardedDatastore", "RequestGuard", "check_id", "check_image_file", "install_guard", "is_id"]
+__all__ = [
+    "TRAIN_OPTIONS",
+    "GuardedDatastore",
+    "RequestGuard",
+    "check_id",
+    "check_image_file",
+    "check_train_options",
+    "install_guard",
+    "is_id",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +59,12 @@ ID_PARAMS = ("image", "label", "id", "tag", "label_tag", "session_id")
 UPLOAD_SUFFIXES = (".nii.gz", ".nii")
 _BAD_ID_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+#: Routes refused whatever the method. GET /model too: no client of this app downloads weights, and the docs
+#: promise that the workspace's weights are out of reach. Sessions hold uploads outside the studies folder.
+REFUSED_ROUTES = {
+    "model": "the served weights cannot be downloaded, replaced or deleted over HTTP",
+    "session": "sessions are disabled: upload with PUT /datastore/image and infer by id",
+}
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -72,6 +93,49 @@ def check_id(value: object, what: str = "image") -> str:
     if not is_id(value):
         raise HTTPException(status_code=400, detail=f"{what} {value!r} is not an id (no path, no '..', no leading dot)")
     return value
+
+
+def _is_device(value: object) -> bool:
+    return isinstance(value, str) and (
+        value in ("cpu", "cuda") or re.fullmatch(r"cuda:\d{1,2}", value) is not None or value in device_list()
+    )
+
+
+def _is_number(value: object, low: float, high: float) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and low <= value < high
+
+
+#: Train options a client may send in the JSON body of ``POST /train/<model>``: key -> (check, what it must be).
+TRAIN_OPTIONS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "max_epochs": (lambda v: type(v) is int and 1 <= v <= 1000, "an integer from 1 to 1000"),
+    "val_split": (lambda v: _is_number(v, 0.0, 1.0), "a number from 0 to below 1"),
+    "device": (_is_device, "'cpu', 'cuda', 'cuda:N' or a device name listed by /info/"),
+    "pretrained": (lambda v: type(v) is bool, "true or false"),
+}
+
+
+def check_train_options(body: bytes) -> None:
+    """The JSON body of a train request may set only the :data:`TRAIN_OPTIONS`, each with a valid value.
+
+    Raises:
+        HTTPException: 400 with a one-line message naming the refused key or value.
+    """
+    if not body.strip():
+        return
+    try:
+        options = json.loads(body)
+    except ValueError:
+        raise HTTPException(status_code=400, detail="train options must be a JSON object") from None
+    if options is not None and not isinstance(options, dict):
+        raise HTTPException(status_code=400, detail="train options must be a JSON object")
+    for key, value in (options or {}).items():
+        if key not in TRAIN_OPTIONS:
+            raise HTTPException(
+                status_code=400, detail=f"train option {key!r:.60} is not accepted; allowed: {', '.join(TRAIN_OPTIONS)}"
+            )
+        check, expected = TRAIN_OPTIONS[key]
+        if not check(value):
+            raise HTTPException(status_code=400, detail=f"train option {key!r} must be {expected}, not {value!r:.60}")
 
 
 def check_image_file(path: str | os.PathLike, what: str, max_bytes: int) -> None:
@@ -153,6 +217,45 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _route(scope: Scope) -> str:
+    """The first segment of the request path after MONAI Label's API prefix: ``train`` for ``/train/scse_unet``."""
+    path = scope.get("path", "")
+    prefix = settings.MONAI_LABEL_API_STR.rstrip("/")
+    if prefix and path.startswith(prefix):
+        path = path[len(prefix) :]
+    return next((part for part in path.split("/") if part), "")
+
+
+async def _checked_train_body(receive: Receive) -> tuple[tuple[int, str] | None, Receive]:
+    """Read a train request's whole body, check it with :func:`check_train_options`, and replay it to the app.
+
+    Returns:
+        the refusal (status, message) or ``None``, and the ``receive`` to pass on.
+    """
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            break
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    try:
+        check_train_options(body)
+    except HTTPException as e:
+        return (e.status_code, str(e.detail)), receive
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return None, replay
+
+
 def _origin_allowed(origin: str, host: str, allowed: Iterable[str]) -> bool:
     if origin in allowed:
         return True
@@ -168,6 +271,8 @@ class RequestGuard:
       cannot drive the server; allowed are the ``cors_origins`` allow-list and the server's own loopback origin.
     - Query parameters that name datastore objects (:data:`ID_PARAMS`) must be ids, and no path segment may be
       ``..``: 400 otherwise.
+    - ``/model`` and ``/session`` (:data:`REFUSED_ROUTES`) are refused with 403.
+    - The JSON body of ``POST /train`` may set only the :data:`TRAIN_OPTIONS`: 400 naming the key otherwise.
     - Request bodies larger than ``max_upload_bytes`` are refused with 413.
     - An exception that escapes a route becomes a JSON error with a 4xx status where the cause is the request
       (invalid JSON, unknown id, unreadable input), never a bare 500.
@@ -190,6 +295,9 @@ class RequestGuard:
             return 403, f"cross-origin request from {origin} refused (the app's cors_origins setting allows origins)"
         if ".." in scope.get("path", "").split("/"):
             return 400, "'..' is not allowed in the request path"
+        route = _route(scope)
+        if route in REFUSED_ROUTES:
+            return 403, f"{scope.get('method')} {scope.get('path')}: {REFUSED_ROUTES[route]}"
         for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
             if key in ID_PARAMS and value:
                 try:
@@ -219,6 +327,12 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         refusal = self._refusal(scope)
+        receive = self._limited(receive)
+        if not refusal and scope.get("method") == "POST" and _route(scope) == "train":
+            try:
+                refusal, receive = await _checked_train_body(receive)
+            except UploadTooLarge as e:
+                refusal = 413, str(e)
         if refusal:
             await _send_json(send, *refusal)
             return
@@ -237,7 +351,7 @@ class RequestGuard:
             await send(message)
 
         try:
-            await self.app(scope, self._limited(receive), send_guarded)
+            await self.app(scope, receive, send_guarded)
         except Exception as exc:
             if started:
                 raise

@@ -19,9 +19,10 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-from scse_monai.atomic import write_atomically
+from scse_monai.atomic import write_atomically, write_text_atomic
 from scse_monai.networks import ensemble_size, member_state
 
+from .security import TRAIN_OPTIONS
 from .workspace import read_metadata
 
 __all__ = ["BundleSegmentationTrainTask"]
@@ -32,31 +33,36 @@ logger = logging.getLogger(__name__)
 class BundleSegmentationTrainTask(BundleTrainTask):
     """Fine-tune from ``models/model.pt`` on every image of the datastore that has a final label.
 
-    The loss's median-frequency class weights come from the labelled images (a ``datalist.json`` with their
-    ``class_voxel_counts`` and the metadata's class names is written into the workspace), never from the
-    bundle's default synthetic data set; resuming from older epoch checkpoints is off, because every request
-    is a new fine-tuning run. The served weights load strictly: weights that do not fit fail the request.
-    Checkpoints are written into the workspace's ``models/``: the best-metric one replaces ``model.pt``, which
-    the infer task then reloads. When ``model.pt`` holds an ensemble (the shipped weights), its first network is
-    fine-tuned, and the fine-tuned ``model.pt`` holds that one network.
+    The loss is ``train.json``'s, an unweighted ``DiceCELoss``. A ``datalist.json`` with the labelled images and
+    the metadata's class names is written into the workspace, so the bundle's default synthetic data set is never
+    used; resuming from older epoch checkpoints is off, because every request is a new fine-tuning run. Of a
+    request only the client options of ``TRAIN_OPTIONS`` (``lib/security.py``) reach MONAI Label's train task: the
+    weights file, tracking and multi-GPU settings are fixed here, never taken from a client. The served weights
+    load strictly: weights that do not fit fail the request. Checkpoints are written into the workspace's
+    ``models/``: the best-metric one replaces ``model.pt``, which the infer task then reloads. When ``model.pt``
+    holds an ensemble (the shipped weights), its first network is fine-tuned, and the fine-tuned ``model.pt``
+    holds that one network.
 
     Args:
         bundle_dir: bundle folder (the app's workspace copy).
         conf: the app's ``--conf`` values.
-        num_classes: label values ``0..num_classes-1`` counted for the class weights.
 
     Example:
         >>> task = BundleSegmentationTrainTask("studies/.scse_monai/bundle", {})  # doctest: +SKIP
     """
 
-    def __init__(self, bundle_dir: str | Path, conf: dict[str, str], num_classes: int = 5):
+    def __init__(self, bundle_dir: str | Path, conf: dict[str, str]):
         super().__init__(str(bundle_dir), conf, load_strict=True)  # weights that do not fit fail, not skip
-        self.num_classes = num_classes
 
     def config(self) -> dict:
-        options = super().config()
-        options.update({"max_epochs": 10, "val_split": 0.2, "multi_gpu": False})
-        return options
+        """The train options shown to clients (``/info/``): exactly the ones a request may set."""
+        options = {**super().config(), "max_epochs": 10, "val_split": 0.2}
+        return {key: options[key] for key in TRAIN_OPTIONS}
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        """Train with the request's client options only; ``model.pt``, no tracking, one device."""
+        options = {key: value for key, value in request.items() if key in TRAIN_OPTIONS or key == "model"}
+        return super().__call__({**options, "multi_gpu": False}, datastore)
 
     def _fetch_datalist(self, request, datastore: Datastore) -> list[dict]:
         datalist = [{"image": d["image"], "label": d["label"]} for d in datastore.datalist() if d]
@@ -74,18 +80,6 @@ class BundleSegmentationTrainTask(BundleTrainTask):
             val = list(train)  # a single labelled image: validate on it rather than not at all
         return train, val
 
-    def _class_counts(self, items: list[dict]) -> dict[str, int]:
-        counts = np.zeros(self.num_classes, dtype=np.int64)
-        for item in items:
-            label = np.asarray(nib.load(item["label"]).dataobj).astype(np.int64).ravel()
-            if label.size and (label.min() < 0 or label.max() >= self.num_classes):
-                raise MONAILabelException(
-                    MONAILabelError.INVALID_INPUT,
-                    f"label {item['label']}: values outside 0..{self.num_classes - 1}",
-                )
-            counts += np.bincount(label, minlength=self.num_classes)
-        return {str(k): int(v) for k, v in enumerate(counts)}
-
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
         if pretrained and os.path.exists(model_pytorch) and ensemble_size(model_pytorch) > 1:
             first = Path(self.bundle_path) / "monailabel_train" / "pretrained_network_0.pt"
@@ -97,19 +91,17 @@ class BundleSegmentationTrainTask(BundleTrainTask):
     def _update_overrides(self, overrides: dict) -> dict:
         train_items = overrides[self.const.key_train_dataset_data()]
         work = Path(self.bundle_path) / "monailabel_train"
-        work.mkdir(exist_ok=True)
-        counts = self._class_counts(train_items)
         metadata = read_metadata(self.bundle_path)
         channel_def = next(iter(metadata["network_data_format"]["outputs"].values()))["channel_def"]
+        _check_label_values(
+            train_items + (overrides.get(self.const.key_validate_dataset_data()) or []), len(channel_def)
+        )
         datalist = {  # the keys of a datalist.json from scse_monai.data that the train config reads
             "name": "monailabel",
             "labels": {str(k): v for k, v in channel_def.items()},
             "training": train_items,
-            "class_voxel_counts": counts,
         }
-        tmp = work / "datalist.json.partial"
-        tmp.write_text(json.dumps(datalist, indent=2))
-        os.replace(tmp, work / "datalist.json")
+        write_text_atomic(work / "datalist.json", json.dumps(datalist, indent=2))
         overrides.update(
             {
                 "dataset_dir": str(work),
@@ -120,5 +112,16 @@ class BundleSegmentationTrainTask(BundleTrainTask):
                 "num_workers": 0,
             }
         )
-        logger.info(f"Fine-tuning on {len(train_items)} labelled images; class counts {datalist['class_voxel_counts']}")
+        logger.info(f"Fine-tuning on {len(train_items)} labelled images")
         return overrides
+
+
+def _check_label_values(items: list[dict], num_classes: int) -> None:
+    """Refuse a label holding values outside ``0..num_classes-1`` (the bundle's ``channel_def``), naming it: such a
+    value would otherwise stop training deep inside the loss."""
+    for item in items:
+        label = np.asarray(nib.load(item["label"]).dataobj)
+        if label.size and (label.min() < 0 or label.max() >= num_classes):
+            raise MONAILabelException(
+                MONAILabelError.INVALID_INPUT, f"label {item['label']}: values outside 0..{num_classes - 1}"
+            )
