@@ -104,3 +104,33 @@ def test_preview_ct_is_shown_in_the_package_ct_window(monkeypatch):
     monkeypatch.setattr(preview_module, "CT_ABDOMEN_WINDOW", (-1000.0, 3000.0))
     assert clim("CT") == (-1000.0, 3000.0)
     assert clim("MR") == pytest.approx(tuple(np.percentile(image, [1, 99.5])))  # MR: per-image percentiles
+
+
+@pytest.mark.parametrize("layout", ["chaos-mr", "visceral"])
+def test_synthesize_failing_half_way_leaves_out_as_it_was(tmp_path: Path, monkeypatch, layout: str) -> None:
+    from scse_monai.data import synthetic
+
+    name = "_visceral_case" if layout == "visceral" else "_chaos_case"
+    original, calls = getattr(synthetic, name), []
+
+    def full_disk_on_the_second_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, name, full_disk_on_the_second_case)
+    fresh, kept = tmp_path / "fresh", tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for out in (fresh, kept):
+        calls.clear()
+        with pytest.raises(OSError, match="No space left"):
+            synthetic.synthesize(layout, out, cases=3, seed=0, size=16, slices=(2, 2), progress=False)
+    assert not fresh.exists()
+    assert sorted(p.name for p in kept.rglob("*")) == ["notes.txt"]
+    monkeypatch.setattr(synthetic, name, original)
+    out = synthetic.synthesize(layout, kept, cases=2, seed=0, size=16, slices=(2, 2), progress=False)
+    expected = ["Segmentations", "Volumes"] if layout == "visceral" else ["MR"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*expected, "notes.txt"])
+    assert len(list((out / expected[-1]).iterdir())) == 2  # Volumes/<case>.nii.gz or MR/<case>, two cases

@@ -14,6 +14,8 @@ standard axial DICOM slices (ImageOrientationPatient 1\\0\\0\\0\\1\\0).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -462,6 +464,9 @@ def _visceral_case(ph: Phantom, root: Path, stem: str) -> None:
 def synthesize(layout: str, out: str | Path, cases: int, seed: int = 0, **kw) -> Path:
     """Write ``cases`` synthetic patients in a dataset's native layout.
 
+    The cases are written into a temporary folder inside ``out`` and moved into place at the end, so a failure half
+    way (a full disk) leaves ``out`` as it was.
+
     Args:
         layout: ``"chaos-ct"`` (writes ``OUT/CT/<id>/...``), ``"chaos-mr"`` (``OUT/MR/<id>/T2SPIR``; pass
             ``mr_sequence="t1dual"`` or ``"both"`` for T1-DUAL) or ``"visceral"`` (``OUT/Volumes``,
@@ -495,16 +500,27 @@ def synthesize(layout: str, out: str | Path, cases: int, seed: int = 0, **kw) ->
             target = out / ("CT" if layout == "chaos-ct" else "MR") / str(c + 1)
         if target.exists():
             raise DataPreparationError("already exists; not overwriting (choose an empty --out)", file=target)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    master = np.random.default_rng(seed)
-    case_seeds = master.integers(0, 2**31, size=cases)
-    for c in tqdm(range(cases), desc=f"synthesize {layout}", disable=not kw.get("progress", True)):
-        rng = np.random.default_rng(case_seeds[c])
-        ph = make_phantom(rng, size=size, slices=int(rng.integers(smin, smax + 1)))
-        if layout == "visceral":
-            _visceral_case(ph, out, f"{10000001 + c}_1_CTce_ThAb")
-        else:
-            _chaos_case(ph, out, layout, str(c + 1), reverse=(c % 2 == 1), seed=seed, kw=kw)
+    # every case is written into a temporary folder inside out, then moved into place: a failure half-way (a full
+    # disk) leaves out as it was
+    work = Path(tempfile.mkdtemp(prefix=".synthesize.tmp-", dir=out))
+    try:
+        case_seeds = np.random.default_rng(seed).integers(0, 2**31, size=cases)
+        for c in tqdm(range(cases), desc=f"synthesize {layout}", disable=not kw.get("progress", True)):
+            rng = np.random.default_rng(case_seeds[c])
+            ph = make_phantom(rng, size=size, slices=int(rng.integers(smin, smax + 1)))
+            if layout == "visceral":
+                _visceral_case(ph, work, f"{10000001 + c}_1_CTce_ThAb")
+            else:
+                _chaos_case(ph, work, layout, str(c + 1), reverse=(c % 2 == 1), seed=seed, kw=kw)
+        for written in sorted(work.glob("*/*")):  # CT/<id>, MR/<id>, Volumes/<file>, Segmentations/<file>
+            (out / written.parent.name).mkdir(exist_ok=True)
+            written.rename(out / written.parent.name / written.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
     return out
 
 
