@@ -501,7 +501,7 @@ def test_weights_and_sessions_are_out_of_reach(server, tmp_path):
 
 
 @pytest.mark.parametrize("value", ["abc", "-1"])
-def test_bad_max_upload_mb_stops_the_server_with_one_line(tmp_path, value):
+def test_bad_max_upload_mb_stops_the_server_naming_the_key(tmp_path, value):
     """``max_upload_mb`` must be a finite number > 0: else the app does not start, names the key and writes nothing."""
     (tmp_path / "studies").mkdir()
     workspace, log = tmp_path / "workspace", tmp_path / "server.log"

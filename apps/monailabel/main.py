@@ -7,7 +7,7 @@
     ``preload``: ``true`` to load the weights at start-up.
     ``cors_origins``: comma-separated origins allowed to make cross-origin requests (default none: CORS off).
     ``max_upload_mb``: largest accepted request body / uploaded image or label, in MiB (default 1024); a finite
-    number > 0, else the app fails to start with one line naming the key.
+    number > 0, else the app fails to start with a ValueError naming the key (after the start-up traceback).
 
 Requests are guarded by ``lib/security.py``: datastore ids are ids, never paths; ``/infer`` takes only datastore
 ids; uploads are read before they are registered; train requests set only a few options; the weights
