@@ -139,7 +139,14 @@ class SpatialSELayer(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the spatial gates, shape ``(B, 1, *spatial)``, broadcastable against ``x``."""
-        return torch.sigmoid(self.conv(x))
+        # self.conv as a batched (1 x C) @ (C x voxels) product: the same values, several times faster than the
+        # convolution kernels for one output channel (docs/benchmarks.md); the module keeps the weights' names.
+        b, c = x.shape[0], x.shape[1]
+        bias = self.conv.bias
+        assert bias is not None  # built with bias=True; the assert tells TorchScript so
+        weight = self.conv.weight.view(1, 1, c).expand(b, 1, c)
+        logits = torch.baddbmm(bias.view(1, 1, 1), weight, x.flatten(2))
+        return torch.sigmoid(logits).view([b, 1] + list(x.shape[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inplace and not torch.is_grad_enabled():
@@ -199,8 +206,10 @@ class ChannelSpatialSELayer(nn.Module):
             # of cheap elementwise ops instead of torch.maximum's (where / masked_fill / eq for both inputs). Where
             # x * gc == x * gs (x == 0, e.g. after a ReLU) the gradient w.r.t. x goes to the sSE branch: a
             # subgradient. relu_ writes over the product, which no backward needs; inplace also writes the product
-            # over the full-size gc - gs (one full-size allocation instead of two).
-            r = torch.relu_((gc - gs).mul_(x) if inplace else x * (gc - gs))
+            # over the full-size gc - gs (one full-size allocation instead of two). gc + (-gs), not gc - gs: the
+            # subtraction's backward would negate the full-size gradient, this one negates the small gate's.
+            d = gc + gs.neg()
+            r = torch.relu_(d.mul_(x) if inplace else x * d)
             return torch.addcmul(r, x, gs, out=x) if inplace else torch.addcmul(r, x, gs)
         xs = x * gs
         if self.aggregation == "add":

@@ -84,7 +84,7 @@ def test_sse_gate_is_the_equation_constant_over_channels(spatial_dims):
     # the same factor for every channel at a position: out / x is constant over channels
     ratio = out / x
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-5)
-    # non-contiguous input (channels-last) takes the convolution path: same gate
+    # non-contiguous input (channels-last): the same gate
     if spatial_dims == 2:
         xc = x.contiguous(memory_format=torch.channels_last)
         assert not xc.is_contiguous()
