@@ -57,6 +57,13 @@ def _check_reduction_ratio(reduction_ratio: int) -> None:
         raise ValueError(f"reduction_ratio must be a positive integer, got {reduction_ratio!r}.")
 
 
+def _check_input(x: torch.Tensor, spatial_dims: int, in_channels: int) -> None:
+    if x.dim() != 2 + spatial_dims or x.shape[1] != in_channels:
+        raise ValueError(
+            f"expected an input of shape (B, {in_channels}, ...) with {spatial_dims} spatial dims, got {list(x.shape)}."
+        )
+
+
 def _check_aggregation(aggregation: str) -> str:
     if not isinstance(aggregation, str) or aggregation.lower() not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
@@ -93,6 +100,7 @@ class ChannelSELayer(nn.Module):
                 f"allowed values are 1..{in_channels}."
             )
         self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
         self.reduce_dims: list[int] = list(range(2, 2 + spatial_dims))
         self.fc = nn.Sequential(
             nn.Linear(in_channels, hidden, bias=True),
@@ -103,6 +111,7 @@ class ChannelSELayer(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the channel gates, shape ``(B, C, 1, ...)``, broadcastable against ``x``."""
+        _check_input(x, self.spatial_dims, self.in_channels)
         b, c = x.shape[0], x.shape[1]
         # sum / n is the global average pool; mean's backward would write a full-size map, sum's is a broadcast view.
         # Half-precision inputs are summed in float32: a float16 sum overflows past 65504.
@@ -120,6 +129,10 @@ class SpatialSELayer(nn.Module):
     """Spatial squeeze-and-excitation (sSE): a 1x1 convolution (``C -> 1``, with bias) and a sigmoid give one gate
     per position, which scales every channel at that position.
 
+    The convolution's weights live in :attr:`conv` (a MONAI ``Conv`` module, so checkpoints name them
+    ``conv.weight`` / ``conv.bias``), but :meth:`gate` applies them as one batched matrix product and never calls
+    the module: hooks, pruning or a replacement module set on :attr:`conv` have no effect.
+
     Args:
         spatial_dims, in_channels: as in :class:`ChannelSELayer`.
         inplace: with autograd off, write the result over the input (see :class:`ChannelSELayer`).
@@ -135,12 +148,15 @@ class SpatialSELayer(nn.Module):
         _check_spatial_dims(spatial_dims)
         _check_in_channels(in_channels)
         self.inplace: bool = _check_inplace(inplace)
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
         self.conv = Conv[Conv.CONV, spatial_dims](in_channels, 1, kernel_size=1, bias=True)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the spatial gates, shape ``(B, 1, *spatial)``, broadcastable against ``x``."""
         # self.conv as a batched (1 x C) @ (C x voxels) product: the same values, several times faster than the
         # convolution kernels for one output channel (docs/benchmarks.md); the module keeps the weights' names.
+        _check_input(x, self.spatial_dims, self.in_channels)
         b, c = x.shape[0], x.shape[1]
         bias = self.conv.bias
         assert bias is not None  # built with bias=True; the assert tells TorchScript so
@@ -206,11 +222,12 @@ class ChannelSpatialSELayer(nn.Module):
             # of cheap elementwise ops instead of torch.maximum's (where / masked_fill / eq for both inputs). Where
             # x * gc == x * gs (x == 0, e.g. after a ReLU) the gradient w.r.t. x goes to the sSE branch: a
             # subgradient. relu_ writes over the product, which no backward needs; inplace also writes the product
-            # over the full-size gc - gs (one full-size allocation instead of two). gc + (-gs), not gc - gs: the
-            # subtraction's backward would negate the full-size gradient, this one negates the small gate's.
-            d = gc + gs.neg()
-            r = torch.relu_(d.mul_(x) if inplace else x * d)
-            return torch.addcmul(r, x, gs, out=x) if inplace else torch.addcmul(r, x, gs)
+            # over the full-size gc + (-gs) (one full-size allocation instead of two). gc + (-gs), not gc - gs: the
+            # subtraction's backward would negate the full-size gradient, this one negates the small gate's. No
+            # local name for it, so that out of place it is freed before the addcmul.
+            if inplace:
+                return torch.addcmul(torch.relu_((gc + gs.neg()).mul_(x)), x, gs, out=x)
+            return torch.addcmul(torch.relu_(x * (gc + gs.neg())), x, gs)
         xs = x * gs
         if self.aggregation == "add":
             return torch.addcmul(xs, x, gc, out=x) if inplace else torch.addcmul(xs, x, gc)

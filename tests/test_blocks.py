@@ -84,11 +84,24 @@ def test_sse_gate_is_the_equation_constant_over_channels(spatial_dims):
     # the same factor for every channel at a position: out / x is constant over channels
     ratio = out / x
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-5)
-    # non-contiguous input (channels-last): the same gate
-    if spatial_dims == 2:
-        xc = x.contiguous(memory_format=torch.channels_last)
+    # non-contiguous inputs (channels-last, a transposed view): the same gate
+    layouts = {2: torch.channels_last, 3: torch.channels_last_3d}
+    views = [x.transpose(-1, -2).contiguous().transpose(-1, -2)] if spatial_dims > 1 else []
+    if spatial_dims in layouts:
+        views.append(x.contiguous(memory_format=layouts[spatial_dims]))
+    for xc in views:
         assert not xc.is_contiguous()
         assert torch.allclose(layer.gate(xc), gate, atol=1e-6)
+    # the gate applies the weights of layer.conv: it equals the convolution's own output
+    assert torch.allclose(gate, torch.sigmoid(layer.conv(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cse", "sse", "scse"])
+def test_wrong_input_shape_is_a_value_error_naming_the_expected_shape(name):
+    layer = get_se_layer(name, 2, 4)
+    for bad in (torch.zeros(2, 4, 3, 3, 3), torch.zeros(2, 5, 3, 3)):
+        with pytest.raises(ValueError, match=r"expected an input of shape \(B, 4, \.\.\.\) with 2 spatial dims"):
+            layer(bad)
 
 
 DEFINITIONS = {
