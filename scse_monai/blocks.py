@@ -129,9 +129,8 @@ class SpatialSELayer(nn.Module):
     """Spatial squeeze-and-excitation (sSE): a 1x1 convolution (``C -> 1``, with bias) and a sigmoid give one gate
     per position, which scales every channel at that position.
 
-    The convolution's weights live in :attr:`conv` (a MONAI ``Conv`` module, so checkpoints name them
-    ``conv.weight`` / ``conv.bias``), but :meth:`gate` applies them as one batched matrix product and never calls
-    the module: hooks, pruning or a replacement module set on :attr:`conv` have no effect.
+    The weights live in :attr:`conv` (checkpoints name them ``conv.weight`` / ``conv.bias``); :meth:`gate` applies
+    them as one batched matrix product without calling the module, so hooks or pruning set on it have no effect.
 
     Args:
         spatial_dims, in_channels: as in :class:`ChannelSELayer`.
@@ -154,8 +153,7 @@ class SpatialSELayer(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the spatial gates, shape ``(B, 1, *spatial)``, broadcastable against ``x``."""
-        # self.conv as a batched (1 x C) @ (C x voxels) product: the same values, several times faster than the
-        # convolution kernels for one output channel (docs/benchmarks.md); the module keeps the weights' names.
+        # conv as a batched (1 x C) @ (C x voxels) product: same values, much faster on CPU (docs/benchmarks.md)
         _check_input(x, self.spatial_dims, self.in_channels)
         b, c = x.shape[0], x.shape[1]
         bias = self.conv.bias
@@ -218,13 +216,11 @@ class ChannelSpatialSELayer(nn.Module):
         # one formula per aggregation; inplace only writes its last steps over x, after every read of x
         inplace = self.inplace and not torch.is_grad_enabled()
         if self.aggregation == "max":
-            # max(a, b) == b + relu(a - b) with a - b == x * (gc - gs): the same values (to rounding), and a backward
-            # of cheap elementwise ops instead of torch.maximum's (where / masked_fill / eq for both inputs). Where
-            # x * gc == x * gs (x == 0, e.g. after a ReLU) the gradient w.r.t. x goes to the sSE branch: a
-            # subgradient. relu_ writes over the product, which no backward needs; inplace also writes the product
-            # over the full-size gc + (-gs) (one full-size allocation instead of two). gc + (-gs), not gc - gs: the
-            # subtraction's backward would negate the full-size gradient, this one negates the small gate's. No
-            # local name for it, so that out of place it is freed before the addcmul.
+            # max(a, b) == b + relu(a - b), a - b == x * (gc - gs): the same values (to rounding) and a backward of
+            # cheap elementwise ops (torch.maximum's is not); at ties (x == 0) the gradient goes to the sSE branch,
+            # a subgradient. relu_ writes over the product, which no backward needs; inplace writes it over the
+            # full-size gc + (-gs). Adding -gs keeps the backward's negation on the small gate; no local name, so
+            # out of place that map is freed before the addcmul.
             if inplace:
                 return torch.addcmul(torch.relu_((gc + gs.neg()).mul_(x)), x, gs, out=x)
             return torch.addcmul(torch.relu_(x * (gc + gs.neg())), x, gs)
