@@ -16,6 +16,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from ..atomic import write_atomically  # noqa: E402
 from .datalist import case_name, read_datalist  # noqa: E402
 from .errors import DataPreparationError  # noqa: E402
+from .nifti import load_nifti, nifti_voxels  # noqa: E402
 
 __all__ = ["preview_case", "CT_ABDOMEN_WINDOW"]
 
@@ -89,18 +90,14 @@ def preview_case(datalist: str | Path, case: str, out: str | Path, slices: int =
 
 
 def _load(path: str) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """A datalist volume reoriented to RAS, and its voxels as float32.
+    """A datalist volume reoriented to RAS, and its voxels as float32 (read once).
 
     Raises:
         DataPreparationError: the file is missing or not a readable NIfTI volume (names the file).
     """
-    if not Path(path).is_file():
-        raise DataPreparationError("file listed in the datalist does not exist", file=path)
-    try:
-        img = nib.as_closest_canonical(nib.load(path))
-        return img, np.asanyarray(img.dataobj).astype(np.float32)
-    except Exception as e:  # not NIfTI, truncated gzip, ...: assorted errors
-        raise DataPreparationError(f"cannot read NIfTI ({type(e).__name__}: {e})", file=path) from None
+    img = load_nifti(path)
+    img = nib.as_closest_canonical(nib.Nifti1Image(nifti_voxels(img, path).astype(np.float32), img.affine, img.header))
+    return img, np.asanyarray(img.dataobj)
 
 
 def _montage(

@@ -36,6 +36,7 @@ from .datalist import (
 )
 from .errors import DataPreparationError
 from .jobs import run_patients
+from .nifti import load_nifti, nifti_voxels
 from .radlex import RADLEX_IDS
 
 __all__ = ["prepare_visceral", "RADLEX_IDS", "DEFAULT_ORGANS"]
@@ -58,20 +59,6 @@ def resolve_organs(organs: list[str] | tuple[str, ...] | None) -> list[str]:
             raise DataPreparationError(f"organ {o!r} given twice")
         out.append(name)
     return out
-
-
-def _load(path: Path, patient: str) -> nib.Nifti1Image:
-    try:
-        return nib.load(path)
-    except Exception as e:
-        raise DataPreparationError(f"cannot read NIfTI ({type(e).__name__}: {e})", patient, path) from None
-
-
-def _data(img: nib.Nifti1Image, path: Path, patient: str) -> np.ndarray:
-    try:
-        return np.asanyarray(img.dataobj)
-    except Exception as e:  # truncated gzip etc.
-        raise DataPreparationError(f"cannot read NIfTI data ({type(e).__name__}: {e})", patient, path) from None
 
 
 def case_name(volume: Path) -> str:
@@ -117,14 +104,14 @@ def _label_from_masks(
     for o in organs:
         if o not in masks:
             continue
-        mimg = _load(masks[o], patient)
+        mimg = load_nifti(masks[o], patient)
         if mimg.shape[:3] != shape or not np.allclose(mimg.affine, affine, atol=1e-3):
             raise DataPreparationError(
                 f"mask geometry {mimg.shape} / affine differs from its volume {shape} ({volume.name})",
                 patient,
                 masks[o],
             )
-        b = _data(mimg, masks[o], patient).reshape(shape) > 0
+        b = nifti_voxels(mimg, masks[o], patient).reshape(shape) > 0
         binaries[o] = b
         sizes[o] = int(b.sum())
     label = np.zeros(shape, np.uint8)
@@ -164,10 +151,10 @@ def _prepare_volume(
             item["overlaps"] = info["overlaps"]
             return item, info["counts"], True
 
-    vol = _load(volume, patient)
+    vol = load_nifti(volume, patient)
     _check_geometry(vol, volume, patient)
     # read every voxel: a truncated .nii.gz fails here, and NaN/inf are found before anything is written
-    image, replaced = finite_or_replace(_data(vol, volume, patient), replace_nonfinite, patient, volume)
+    image, replaced = finite_or_replace(nifti_voxels(vol, volume, patient), replace_nonfinite, patient, volume)
     label, overlaps = _label_from_masks(masks, organs, vol, volume, patient)
     item["overlaps"] = overlaps
     counts = count_classes(label, len(organs) + 1)
