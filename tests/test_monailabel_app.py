@@ -455,6 +455,12 @@ def test_uploads_are_checked_and_errors_are_4xx(server, tmp_path):
     assert _request(f"{url}/info/")[0] == 200
 
 
+def _train_tasks(url: str) -> int:
+    """How many train tasks the server has run or is running (MONAI Label answers 404 while there are none)."""
+    status, body = _request(f"{url}/train/?all=true")
+    return len(json.loads(body)) if status == 200 else 0
+
+
 def test_train_takes_only_the_documented_options(server, tmp_path):
     """A train request sets max_epochs, val_split, device and pretrained, with valid values: no weights path,
     no tracking target, no bundle run id; a refused request never reaches the train task."""
@@ -471,6 +477,7 @@ def test_train_takes_only_the_documented_options(server, tmp_path):
         ({"device": str(secret)}, "device"),
         ({"pretrained": "yes"}, "pretrained"),
     ]
+    tasks_before = _train_tasks(url)
     for body, key in refused:
         status, answer = _request(f"{url}/train/{MODEL}", method="POST", body=body)
         assert status == 400 and f"train option '{key}'".encode() in answer, (body, status, answer)
@@ -478,7 +485,33 @@ def test_train_takes_only_the_documented_options(server, tmp_path):
     assert status == 400 and MODEL.encode() in answer, (status, answer)
     assert _request(f"{url}/train/{MODEL}", method="POST", body=[1])[0] == 400
     assert str(secret) not in server["log"].read_text()
-    assert not (tmp_path / "mlruns").exists()
+    assert _train_tasks(url) == tasks_before  # no refused request started a training
+
+
+def test_the_trainer_passes_on_client_options_only_with_defaults_and_can_train_from_scratch(tmp_path):
+    """Behind the HTTP guard, the train task itself drops keys that are not train options, fills in the defaults
+    ``/info/`` shows, and ``pretrained: false`` adds no checkpoint loader (MONAI Label 0.8.5 fails there)."""
+    bundle = _bundle_copy(tmp_path / "bundle")
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(APP)!r})
+from monailabel.tasks.train.bundle import BundleTrainTask
+from lib.trainers import BundleSegmentationTrainTask
+seen = {{}}
+BundleTrainTask.__call__ = lambda self, request, datastore: seen.update(request) or {{}}
+task = BundleSegmentationTrainTask({str(bundle)!r}, {{}})
+task({{"model": "{MODEL}", "max_epochs": 2, "model_filename": "/x.pt", "tracking_uri": "/y", "run_id": "r"}}, None)
+scratch, pretrained = [], []
+task._load_checkpoint({str(bundle / "models" / "model.pt")!r}, False, scratch)
+task._load_checkpoint({str(bundle / "models" / "model.pt")!r}, True, pretrained)
+print("RESULT " + json.dumps({{"request": seen, "scratch": scratch, "pretrained": pretrained}}))
+"""
+    res = subprocess.run([str(LABEL_PY), "-c", code], capture_output=True, text=True, timeout=300, cwd=APP)
+    assert res.returncode == 0 and "RESULT " in res.stdout, res.stderr[-3000:]
+    result = json.loads(res.stdout.rsplit("RESULT ", 1)[1])
+    assert result["request"] == {"model": MODEL, "max_epochs": 2, "val_split": 0.2, "multi_gpu": False}
+    assert result["scratch"] == []
+    assert [h["_target_"] for h in result["pretrained"]] == ["CheckpointLoader"]
 
 
 def test_weights_and_sessions_are_out_of_reach(server, tmp_path):

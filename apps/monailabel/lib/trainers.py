@@ -29,6 +29,10 @@ __all__ = ["BundleSegmentationTrainTask"]
 
 logger = logging.getLogger(__name__)
 
+#: what a train request gets for the options it leaves out (also what ``/info/`` shows); MONAI Label's own
+#: default would be 50 epochs
+TRAIN_DEFAULTS = {"max_epochs": 10, "val_split": 0.2}
+
 
 class BundleSegmentationTrainTask(BundleTrainTask):
     """Fine-tune from ``models/model.pt`` on every image of the datastore that has a final label.
@@ -56,13 +60,13 @@ class BundleSegmentationTrainTask(BundleTrainTask):
 
     def config(self) -> dict:
         """The train options shown to clients (``/info/``): exactly the ones a request may set."""
-        options = {**super().config(), "max_epochs": 10, "val_split": 0.2}
+        options = {**super().config(), **TRAIN_DEFAULTS}
         return {key: options[key] for key in TRAIN_OPTIONS}
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         """Train with the request's client options only; ``model.pt``, no tracking, one device."""
         options = {key: value for key, value in request.items() if key in TRAIN_OPTIONS or key == "model"}
-        return super().__call__({**options, "multi_gpu": False}, datastore)
+        return super().__call__({**TRAIN_DEFAULTS, **options, "multi_gpu": False}, datastore)
 
     def _fetch_datalist(self, request, datastore: Datastore) -> list[dict]:
         datalist = [{"image": d["image"], "label": d["label"]} for d in datastore.datalist() if d]
@@ -81,7 +85,9 @@ class BundleSegmentationTrainTask(BundleTrainTask):
         return train, val
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
-        if pretrained and os.path.exists(model_pytorch) and ensemble_size(model_pytorch) > 1:
+        if not pretrained:  # train from scratch; MONAI Label 0.8.5 would call os.path.exists(None) here
+            return
+        if os.path.exists(model_pytorch) and ensemble_size(model_pytorch) > 1:
             first = Path(self.bundle_path) / "monailabel_train" / "pretrained_network_0.pt"
             write_atomically(first, lambda tmp: torch.save(member_state(model_pytorch, 0), tmp))
             logger.info(f"{model_pytorch} holds an ensemble: fine-tuning its first network")
