@@ -101,8 +101,11 @@ class SEBundleApp(MONAILabelApp):
     def server_mode(self, mode: bool):
         """Entering server mode wraps the server's ASGI stack in the request guard (lib/security.py)."""
         super().server_mode(mode)
-        if mode and install_guard(self.cors_origins, self.max_upload_bytes):
-            logger.info(f"Request guard on; CORS origins allowed: {self.cors_origins or 'none'}")
+        if not mode:
+            return
+        if not install_guard(self.cors_origins, self.max_upload_bytes):  # never serve without the guard
+            raise RuntimeError("the request guard could not wrap MONAI Label's server (monailabel.app.app not found)")
+        logger.info(f"Request guard on; CORS origins allowed: {self.cors_origins or 'none'}")
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer for datastore ids only; unknown model or image 404, a bad request 400 or 422.
