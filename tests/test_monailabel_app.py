@@ -323,6 +323,8 @@ def test_train_refuses_a_label_with_values_outside_the_classes(server):
     details = "\n".join(task.get("details", []))
     assert task["status"] == "ERROR" and f"label {label}: values outside 0..4" in details, details[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in models.glob("*.pt")} == before  # the served weights untouched
+    # refused before the task wrote anything, even the ensemble member it would fine-tune
+    assert not (server["workspace"] / "monailabel_train" / "pretrained_network_0.pt").exists()
 
 
 def test_train_one_epoch_writes_a_checkpoint(server):

@@ -74,7 +74,12 @@ class BundleSegmentationTrainTask(BundleTrainTask):
             raise MONAILabelException(
                 MONAILabelError.INVALID_INPUT, "no image in the studies folder has a final label to train on"
             )
+        _check_label_values(datalist, len(self._channel_def()))  # before anything is written
         return datalist
+
+    def _channel_def(self) -> dict:
+        metadata = read_metadata(self.bundle_path)
+        return next(iter(metadata["network_data_format"]["outputs"].values()))["channel_def"]
 
     def _partition_datalist(self, datalist, request, shuffle=False):
         train, val = super()._partition_datalist(datalist, request, shuffle)
@@ -97,11 +102,7 @@ class BundleSegmentationTrainTask(BundleTrainTask):
     def _update_overrides(self, overrides: dict) -> dict:
         train_items = overrides[self.const.key_train_dataset_data()]
         work = Path(self.bundle_path) / "monailabel_train"
-        metadata = read_metadata(self.bundle_path)
-        channel_def = next(iter(metadata["network_data_format"]["outputs"].values()))["channel_def"]
-        _check_label_values(
-            train_items + (overrides.get(self.const.key_validate_dataset_data()) or []), len(channel_def)
-        )
+        channel_def = self._channel_def()
         datalist = {  # the keys of a datalist.json from scse_monai.data that the train config reads
             "name": "monailabel",
             "labels": {str(k): v for k, v in channel_def.items()},
