@@ -432,6 +432,8 @@ def test_infer_accepts_only_datastore_ids(server, tmp_path):
 def test_uploads_are_checked_and_errors_are_4xx(server, tmp_path):
     """Issue 16 item 11: unreadable or oversized uploads are refused, bad params are 400, never a bare 500."""
     url = server["url"]
+    uploads_tmp = server["workspace"] / ".uploads-tmp"  # the server's temporary folder
+    before = set(uploads_tmp.iterdir())
     junk = b"\x00not an image" * 1000
     status, body = _upload(f"{url}/datastore/image?image=junk", {"file": ("junk.nii.gz", junk)})
     assert status == 422 and b"junk" in body, (status, body)
@@ -443,11 +445,14 @@ def test_uploads_are_checked_and_errors_are_4xx(server, tmp_path):
     nan[0, 0, 0] = np.nan
     status, body = _upload(f"{url}/datastore/image?image=nan", {"file": ("nan.nii.gz", _nifti_bytes(tmp_path, nan))})
     assert status == 422 and b"non-finite" in body, (status, body)
+    assert set(uploads_tmp.iterdir()) == before  # a refused upload's temporary file is removed
     ok = _nifti_bytes(tmp_path, np.zeros((8, 8, 4), np.float32))
     status, body = _upload(f"{url}/datastore/image?image=p", {"file": ("p.nii.gz", ok)}, {"params": "{not json"})
     assert status == 400 and b"JSON" in body, (status, body)
     status, body = _upload(f"{url}/datastore/label?image=no_such_image", {"label": ("l.nii.gz", ok)})
     assert status == 404, (status, body)
+    # MONAI Label parses params after writing the upload: that one file stays, in the workspace, until a restart
+    assert len(set(uploads_tmp.iterdir()) - before) == 1
     image_id = sorted(server["studies"].glob("chaos_*.nii.gz"))[0].name[: -len(".nii.gz")]
     status, body = _upload(f"{url}/infer/{MODEL}?image={image_id}", {}, {"params": "{not json"}, method="POST")
     assert status == 400 and b"JSON" in body, (status, body)

@@ -11,13 +11,16 @@
 
 Requests are guarded by ``lib/security.py``: datastore ids are ids, never paths; ``/infer`` takes only datastore
 ids; uploads are read before they are registered; train requests set only a few options; the weights
-(``/model``) and sessions are out of reach; errors are 4xx with a message (docs/apps.md, security model).
+(``/model``) and sessions are out of reach; errors are 4xx with a message; temporary files stay in the
+workspace's ``.uploads-tmp`` (docs/apps.md, security model).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 from fastapi import HTTPException
@@ -50,6 +53,24 @@ def upload_limit_bytes(conf: dict[str, str]) -> int:
     return max(1, int(mib * 1024 * 1024))
 
 
+#: the server's temporary folder, inside the workspace (see :func:`use_temp_dir`)
+UPLOADS_TMP = ".uploads-tmp"
+
+
+def use_temp_dir(folder: Path, empty: bool = False) -> Path:
+    """Make ``folder`` this process's temporary folder (``empty``: remove what an earlier server left there).
+
+    MONAI Label writes every upload and infer result to a temporary file and removes it only after the route
+    succeeds, so failed requests left files in the system's temporary folder, outside the studies and the
+    workspace. The server empties ``folder`` when it starts; processes MONAI Label starts for tasks only use it.
+    """
+    if empty:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(folder)
+    return folder
+
+
 class SEBundleApp(MONAILabelApp):
     """MONAI Label app serving the scse_monai bundle (liver, right kidney, left kidney, spleen).
 
@@ -64,6 +85,7 @@ class SEBundleApp(MONAILabelApp):
         source = Path(conf.get("bundle") or default_bundle())
         workspace = Path(conf.get("workspace") or Path(studies) / ".scse_monai" / "bundle")
         self.bundle_dir = prepare_workspace(source, workspace)
+        self.temp_dir = use_temp_dir(self.bundle_dir / UPLOADS_TMP)
         self.model_name = conf.get("model", "scse_unet")
         self.cors_origins = [o.strip() for o in conf.get("cors_origins", "").split(",") if o.strip()]
         metadata = read_metadata(self.bundle_dir)
@@ -103,6 +125,7 @@ class SEBundleApp(MONAILabelApp):
         super().server_mode(mode)
         if not mode:
             return
+        use_temp_dir(self.temp_dir, empty=True)  # the server process only, before any request
         if not install_guard(self.cors_origins, self.max_upload_bytes):  # never serve without the guard
             raise RuntimeError("the request guard could not wrap MONAI Label's server (monailabel.app.app not found)")
         logger.info(f"Request guard on; CORS origins allowed: {self.cors_origins or 'none'}")

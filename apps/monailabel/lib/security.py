@@ -22,7 +22,9 @@ import logging
 import math
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable
+import tempfile
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -160,6 +162,19 @@ def check_image_file(path: str | os.PathLike, what: str, max_bytes: int) -> None
         raise HTTPException(status_code=422, detail=f"{what}: holds non-finite voxels (NaN/inf)")
 
 
+@contextmanager
+def _removed_if_refused(upload: str) -> Iterator[None]:
+    """Delete the upload's temporary file when the block raises. MONAI Label removes it in a background task that
+    does not run when the route fails; only files in the server's temporary folder are touched."""
+    try:
+        yield
+    except Exception:
+        path = Path(upload).resolve()
+        if path.parent == Path(tempfile.gettempdir()).resolve():
+            path.unlink(missing_ok=True)
+        raise
+
+
 class GuardedDatastore(LocalDatastore):
     """MONAI Label's local datastore with ids checked and uploads read before anything is copied.
 
@@ -174,17 +189,19 @@ class GuardedDatastore(LocalDatastore):
         super().__init__(datastore_path, **kwargs)
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
-        image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
-        check_id(image_id, "image")
-        check_image_file(image_filename, f"image {image_id}", self.max_upload_bytes)
+        with _removed_if_refused(image_filename):
+            image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
+            check_id(image_id, "image")
+            check_image_file(image_filename, f"image {image_id}", self.max_upload_bytes)
         return super().add_image(image_id, image_filename, image_info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        check_id(image_id, "image")
-        check_id(label_tag, "tag")
-        if not self.get_image_uri(image_id):
-            raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} in the studies folder")
-        check_image_file(label_filename, f"label of {image_id}", self.max_upload_bytes)
+        with _removed_if_refused(label_filename):
+            check_id(image_id, "image")
+            check_id(label_tag, "tag")
+            if not self.get_image_uri(image_id):
+                raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} in the studies folder")
+            check_image_file(label_filename, f"label of {image_id}", self.max_upload_bytes)
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
     def get_image_uri(self, image_id: str) -> str:
