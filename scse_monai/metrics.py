@@ -213,25 +213,32 @@ class SegmentationCountsMetric(CumulativeIterationMetric):
     def _check_range(self, labels: torch.Tensor) -> None:
         """Remember (on device, no host sync) whether some label is outside ``[0, num_classes)``."""
         low, high = labels.aminmax()
-        bad = ((low < 0) | (high >= self.num_classes)).to(torch.int64)
+        self._flag_invalid(((low < 0) | (high >= self.num_classes)).to(torch.int64))
+
+    def _flag_invalid(self, bad: torch.Tensor) -> None:
+        """Adds ``bad`` (0-d int64 on device: how many label maps had out-of-range values) to the running count."""
         self._invalid = bad if self._invalid is None else self._invalid + bad
 
     def _counts_from_labels(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # scatter_add_ into a per-case C x C confusion matrix: one pass over the voxels instead of C comparisons (and
-        # no one-hot expansion, which MONAI's DiceMetric needs); torch.bincount would synchronise with the host on
-        # CUDA. _COUNT_CHUNK voxels per case at a time keep the int64 index map at 2 MiB per case, where a
-        # batch-sized one takes 8 bytes per voxel (2.3 GiB for four 512x512x300 CT volumes).
+        # scatter_add_ into a per-case confusion matrix: one pass over the voxels instead of C comparisons (and no
+        # one-hot expansion, which MONAI's DiceMetric needs); torch.bincount would synchronise with the host on CUDA.
+        # Labels are clamped to [-1, C], so the matrix's outer rows and columns count the out-of-range ones: that is
+        # the range check, with no second pass over the inputs. _COUNT_CHUNK voxels per case at a time keep the
+        # int64 index map at 2 MiB per case (in cache), where a batch-sized one takes 8 bytes per voxel.
         b, c = pred.shape[0], self.num_classes
-        self._check_range(pred)
-        self._check_range(target)
-        cm = torch.zeros(b, c * c, dtype=torch.int64, device=pred.device)
+        side = c + 2  # classes -1 (below range), 0 .. C-1, C (above range)
+        cm = torch.zeros(b, side * side, dtype=torch.int64, device=pred.device)
         one = torch.ones(1, 1, dtype=torch.int64, device=pred.device)
         for start in range(0, pred.shape[1], _COUNT_CHUNK):
             stop = start + _COUNT_CHUNK
-            idx = torch.add(pred[:, start:stop], target[:, start:stop], alpha=c)  # target * C + pred
-            idx.clamp_(0, c * c - 1)  # keeps the scatter in bounds; out-of-range labels make compute() raise anyway
+            idx = torch.clamp(pred[:, start:stop], -1, c)
+            idx.add_(torch.clamp(target[:, start:stop], -1, c), alpha=side).add_(side + 1)  # (target+1)*side + pred+1
             cm.scatter_add_(1, idx, one.expand_as(idx))
-        cm = cm.view(b, c, c)  # [case, target class, predicted class]
+        cm = cm.view(b, side, side)  # [case, target class, predicted class]
+        outside_pred = cm[:, :, 0].sum() + cm[:, :, -1].sum()
+        outside_target = cm[:, 0, :].sum() + cm[:, -1, :].sum()
+        self._flag_invalid((outside_pred > 0).to(torch.int64) + (outside_target > 0).to(torch.int64))
+        cm = cm[:, 1:-1, 1:-1]
         return torch.stack([cm.diagonal(dim1=1, dim2=2), cm.sum(1), cm.sum(2)], dim=-1)
 
     def _class_rows(self, x: torch.Tensor, what: str) -> tuple[torch.Tensor, bool]:

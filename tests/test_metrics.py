@@ -213,6 +213,25 @@ def test_errors():
             m.results()
 
 
+@pytest.mark.parametrize(
+    "pred_value, target_value, flagged",
+    [(3, 0, 1), (0, -1, 1), (-(2**40), 2**40, 2), (2, 2, 0)],  # 3 == C would alias class (1, 0) in a C x C matrix
+)
+def test_out_of_range_label_maps_are_counted_in_any_slice(monkeypatch, pred_value, target_value, flagged):
+    from scse_monai import metrics
+
+    monkeypatch.setattr(metrics, "_COUNT_CHUNK", 5)
+    p, y = torch.zeros(2, 1, 12, dtype=torch.int64), torch.ones(2, 1, 12, dtype=torch.int64)
+    p[1, 0, 11], y[1, 0, 11] = pred_value, target_value  # last voxel of the last case, in a partial slice
+    m = SegmentationCountsMetric(3)
+    m(p, y)
+    if flagged:
+        with pytest.raises(ValueError, match=rf"{flagged} label map\(s\) .* outside \[0, 3\)"):
+            m.results()
+    else:
+        np.testing.assert_array_equal(m.results()["counts"][1, :, 2].numpy(), [11, 1])  # target sizes of 1 and 2
+
+
 def test_case_name_from_meta():
     assert case_name_from_meta({"filename_or_obj": "/d/imagesTs/p07_t2.nii.gz"}, "x") == "p07_t2"
     assert case_name_from_meta({"filename_or_obj": ["/d/P3/"]}, "x") == "P3"
