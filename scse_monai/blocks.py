@@ -47,14 +47,9 @@ def _check_inplace(inplace: bool) -> bool:
     return inplace
 
 
-def _check_in_channels(in_channels: int) -> None:
-    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}.")
-
-
-def _check_reduction_ratio(reduction_ratio: int) -> None:
-    if isinstance(reduction_ratio, bool) or not isinstance(reduction_ratio, int) or reduction_ratio < 1:
-        raise ValueError(f"reduction_ratio must be a positive integer, got {reduction_ratio!r}.")
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _check_input(x: torch.Tensor, spatial_dims: int, in_channels: int) -> None:
@@ -91,8 +86,8 @@ class ChannelSELayer(nn.Module):
         super().__init__()
         _check_spatial_dims(spatial_dims)
         self.inplace: bool = _check_inplace(inplace)
-        _check_in_channels(in_channels)
-        _check_reduction_ratio(reduction_ratio)
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("reduction_ratio", reduction_ratio)
         hidden = in_channels // reduction_ratio
         if hidden < 1:
             raise ValueError(
@@ -145,7 +140,7 @@ class SpatialSELayer(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, inplace: bool = False) -> None:
         super().__init__()
         _check_spatial_dims(spatial_dims)
-        _check_in_channels(in_channels)
+        _check_positive_int("in_channels", in_channels)
         self.inplace: bool = _check_inplace(inplace)
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -260,11 +255,11 @@ def get_se_layer(name: str | None, spatial_dims: int, in_channels: int, **kwargs
     if unknown:
         raise ValueError(f"unexpected SE options {sorted(unknown)}; allowed: {list(SE_OPTIONS)}.")
     _check_spatial_dims(spatial_dims)
-    _check_in_channels(in_channels)
+    _check_positive_int("in_channels", in_channels)
     # validate options even where the chosen variant does not use them, so a typo never passes silently
     _check_inplace(kwargs.get("inplace", False))
     _check_aggregation(kwargs.get("aggregation", "max"))
-    _check_reduction_ratio(kwargs.get("reduction_ratio", 2))
+    _check_positive_int("reduction_ratio", kwargs.get("reduction_ratio", 2))
     layer_type = SE[key]
     accepted = inspect.signature(layer_type).parameters
     return layer_type(spatial_dims, in_channels, **{k: v for k, v in kwargs.items() if k in accepted})
