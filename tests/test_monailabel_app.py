@@ -540,6 +540,13 @@ def test_weights_and_sessions_are_out_of_reach(server, tmp_path):
     assert _outside_files(server) - before == set()
 
 
+@pytest.mark.parametrize("route", ["/logs/", "/logs/?text=true&lines=5", "/logs/gpu", "/proxy/dicom/wado/studies"])
+def test_log_and_proxy_routes_are_refused(server, route):
+    """The server's log (paths, request details) is not served, nor nvidia-smi run, nor a DICOMweb proxy."""
+    status, body = _request(f"{server['url']}{route}")
+    assert status == 403 and json.loads(body)["detail"].startswith(f"GET {route.split('?')[0]}:"), (status, body[:300])
+
+
 @pytest.mark.parametrize("value", ["abc", "-1"])
 def test_bad_max_upload_mb_stops_the_server_naming_the_key(tmp_path, value):
     """``max_upload_mb`` must be a finite number > 0: else the app does not start, names the key and writes nothing."""

@@ -9,7 +9,8 @@ MONAI Label 0.8.5 does not guard these itself:
 - invalid JSON in ``params`` and most errors inside a route end as a bare HTTP 500;
 - ``POST /train`` merges any JSON keys into the train request (``model_filename`` becomes a path that is read,
   ``tracking_uri`` a place that is written);
-- ``/model`` replaces, deletes and serves the weights, and ``/session`` stores uploads outside the studies folder.
+- ``/model`` replaces, deletes and serves the weights, ``/session`` stores uploads outside the studies folder,
+  ``/logs`` serves the server's log to anyone who reaches the port.
 
 :class:`RequestGuard` wraps the whole ASGI application (outside MONAI Label's own middleware) and
 :class:`GuardedDatastore` replaces the local datastore; ``main.py`` installs both.
@@ -62,10 +63,14 @@ UPLOAD_SUFFIXES = (".nii.gz", ".nii")
 _BAD_ID_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 #: Routes refused whatever the method. GET /model too: no client of this app downloads weights, and the docs
-#: promise that the workspace's weights are out of reach. Sessions hold uploads outside the studies folder.
+#: promise that the workspace's weights are out of reach. Sessions hold uploads outside the studies folder. The log
+#: holds the server's paths and request details (its page also pulls scripts from public CDNs), /logs/gpu runs a
+#: program, and /proxy forwards to a DICOMweb server, which a local studies folder is not.
 REFUSED_ROUTES = {
     "model": "the served weights cannot be downloaded, replaced or deleted over HTTP",
     "session": "sessions are disabled: upload with PUT /datastore/image and infer by id",
+    "logs": "the server's log is read on the server (logs/app.log in the app folder), not over HTTP",
+    "proxy": "this app serves a local studies folder; there is no DICOMweb server to proxy to",
 }
 
 Scope = dict[str, Any]
@@ -288,7 +293,7 @@ class RequestGuard:
       cannot drive the server; allowed are the ``cors_origins`` allow-list and the server's own loopback origin.
     - Query parameters that name datastore objects (:data:`ID_PARAMS`) must be ids, and no path segment may be
       ``..``: 400 otherwise.
-    - ``/model`` and ``/session`` (:data:`REFUSED_ROUTES`) are refused with 403.
+    - ``/model``, ``/session``, ``/logs`` and ``/proxy`` (:data:`REFUSED_ROUTES`) are refused with 403.
     - The JSON body of ``POST /train`` may set only the :data:`TRAIN_OPTIONS`: 400 naming the key otherwise.
     - Request bodies larger than ``max_upload_bytes`` are refused with 413.
     - An exception that escapes a route becomes a JSON error with a 4xx status where the cause is the request
