@@ -547,6 +547,13 @@ def test_log_and_proxy_routes_are_refused(server, route):
     assert status == 403 and json.loads(body)["detail"].startswith(f"GET {route.split('?')[0]}:"), (status, body[:300])
 
 
+def test_refused_routes_are_not_in_the_api_schema(server):
+    status, body = _request(f"{server['url']}/openapi.json")
+    firsts = {path.split("/")[1] for path in json.loads(body)["paths"]}
+    assert status == 200 and "infer" in firsts and "datastore" in firsts, firsts
+    assert not firsts & {"model", "session", "logs", "proxy"}, firsts
+
+
 @pytest.mark.parametrize("value", ["abc", "-1"])
 def test_bad_max_upload_mb_stops_the_server_naming_the_key(tmp_path, value):
     """``max_upload_mb`` must be a finite number > 0: else the app does not start, names the key and writes nothing."""

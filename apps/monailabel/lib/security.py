@@ -403,6 +403,16 @@ def install_guard(allowed_origins: Iterable[str], max_upload_bytes: int) -> bool
     if fastapi_app is None:
         return False
     stack = fastapi_app.middleware_stack or fastapi_app.build_middleware_stack()
-    if not isinstance(stack, RequestGuard):
-        fastapi_app.middleware_stack = RequestGuard(stack, allowed_origins, max_upload_bytes)
+    if isinstance(stack, RequestGuard):
+        return True
+    fastapi_app.middleware_stack = RequestGuard(stack, allowed_origins, max_upload_bytes)
+    generate = fastapi_app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The API schema without the refused routes: /openapi.json and /docs do not advertise them."""
+        schema = generate()
+        schema["paths"] = {p: v for p, v in schema["paths"].items() if _route({"path": p}) not in REFUSED_ROUTES}
+        return schema
+
+    fastapi_app.openapi = openapi  # FastAPI's documented way to customise the schema
     return True
