@@ -79,3 +79,33 @@ def test_ct_rescale_to_hounsfield(tmp_path):
     assert int(ds.pixel_array.min()) >= 0  # stored values are not HU
     out = read_dicom_series([tmp_path / "b.dcm", tmp_path / "a.dcm"])
     np.testing.assert_array_equal(out.array, hu)
+
+
+def _edit(path, **tags) -> None:
+    ds = pydicom.dcmread(path)
+    for tag, value in tags.items():
+        setattr(ds, tag, value)
+    ds.save_as(path)
+
+
+@pytest.mark.parametrize(
+    "slice_index, tags, message",
+    [
+        (2, {"ImagePositionPatient": ["0", "NaN", "5"]}, "ImagePositionPatient"),
+        (0, {"ImageOrientationPatient": [1, 0, 0, 0, 1, "NaN"]}, "ImageOrientationPatient"),
+        (2, {"RescaleSlope": "NaN", "RescaleIntercept": "0"}, "RescaleSlope"),
+        (1, {"RescaleSlope": "1", "RescaleIntercept": "inf"}, "RescaleIntercept"),
+        (3, {"FrameOfReferenceUID": "1.2.3.4"}, "FrameOfReferenceUID"),
+        (3, {"StudyInstanceUID": "1.2.3.5"}, "StudyInstanceUID"),
+    ],
+)
+def test_non_finite_geometry_or_rescale_and_mixed_uids_name_the_file(tmp_path, slice_index, tags, message):
+    """Each is refused naming the offending file (NaN compares False, so it used to pass or blame another file)."""
+    from scse_monai.data.errors import DataPreparationError
+
+    names = [f"s{k}.dcm" for k in range(4)]
+    write_dicom_series(np.ones((4, 4, 4), np.uint16), tmp_path, names, origin=(0, 0, 0), modality="CT")
+    _edit(tmp_path / names[slice_index], **tags)
+    with pytest.raises(DataPreparationError, match=message) as raised:
+        read_dicom_series(sorted(tmp_path.iterdir()))
+    assert names[slice_index] in str(raised.value)

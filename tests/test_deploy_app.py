@@ -74,6 +74,20 @@ class IntensityBands(torch.nn.Module):
         return -50.0 * (x[:, middle : middle + 1] - centres) ** 2
 
 
+class PositionStripes(torch.nn.Module):
+    """A stand-in "network" whose label depends only on the pixel's position in its input grid (stripes 8 px wide).
+
+    The bundle resamples to its own spacing first, so a wrong voxel size in the app's affine moves the stripes
+    against the reference, which intensity-based labels would not show.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i = torch.arange(x.shape[-2], device=x.device).view(1, 1, -1, 1).float()
+        label = torch.remainder(torch.floor(i / 8), 4) + 1
+        classes = torch.arange(5, device=x.device).view(1, 5, 1, 1).float()
+        return (-50.0 * (label - classes) ** 2).expand(x.shape[0], 5, x.shape[-2], x.shape[-1]).contiguous()
+
+
 class Failing(torch.nn.Module):
     """A model that fails inside the SDK graph, after the input checks have passed."""
 
@@ -88,11 +102,12 @@ def _torchscript_bundle(tmp: Path, which: str) -> Path:
     one exported now by ``monai.bundle ckpt_export`` from the committed ``model.pt``.
     """
     configs = BUNDLE / "configs"
-    if which in ("bands", "failing"):
+    stand_ins = {"bands": IntensityBands, "stripes": PositionStripes, "failing": Failing}
+    if which in stand_ins:
         path = tmp / which / "model.ts"
         path.parent.mkdir()
         extra = {name: (configs / name).read_text() for name in ("metadata.json", "inference.json")}
-        model = IntensityBands() if which == "bands" else Failing()
+        model = stand_ins[which]()
         torch.jit.save(torch.jit.script(model), str(path), _extra_files=extra)
         return path
     if (BUNDLE / "models" / "model.ts").exists():
@@ -122,11 +137,25 @@ def series(tmp_path_factory) -> Path:
     return root / "MR" / "2" / "T2SPIR"  # synthesize writes every second case against the normal
 
 
-@pytest.fixture(scope="module", params=["bands", "bundle"])
+def _non_square_copy(series: Path, tmp: Path) -> Path:
+    """``series`` with pixels 1.5 mm between rows and 3 mm between columns (the SDK swapped the two)."""
+    copy = tmp / "T2SPIR"
+    (copy / "DICOM_anon").mkdir(parents=True)
+    for path in sorted((series / "DICOM_anon").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.PixelSpacing = [1.5, 3.0]
+        ds.save_as(copy / "DICOM_anon" / path.name)
+    return copy
+
+
+@pytest.fixture(scope="module", params=["bands", "bundle", "stripes, non-square pixels"])
 def deploy_case(request, series, tmp_path_factory):
-    """One deploy run on ``series`` with the stand-in model ("bands") and with the bundle's weights ("bundle")."""
-    tmp = tmp_path_factory.mktemp(f"deploy_{request.param}")
-    model = _torchscript_bundle(tmp, request.param)
+    """One deploy run on ``series`` with a stand-in model ("bands"), the bundle's weights ("bundle"), and one with
+    position-dependent labels on a copy of ``series`` with non-square pixels."""
+    tmp = tmp_path_factory.mktemp(f"deploy_{request.param.split(',')[0]}")
+    model = _torchscript_bundle(tmp, request.param.split(",")[0])
+    if request.param.startswith("stripes"):
+        series = _non_square_copy(series, tmp)
     out = tmp / "out"
     run = _run([DEPLOY_PY, APP, "-i", series, "-o", out, "-m", model])
     return {"tmp": tmp, "series": series, "model": model, "out": out, "run": run}
@@ -280,9 +309,44 @@ def bands_model(tmp_path_factory) -> Path:
     return _torchscript_bundle(tmp_path_factory.mktemp("bands_model"), "bands")
 
 
-@pytest.mark.parametrize("case", ["empty folder", "non-DICOM file", "folder without DICOM", "no matching series"])
+def _broken_copy(series: Path, tmp: Path, case: str) -> Path:
+    """A copy of ``series`` with one slice, a truncated slice or a non-finite RescaleSlope."""
+    copy = tmp / "broken"
+    files = sorted((series / "DICOM_anon").glob("*.dcm"))
+    copy.mkdir()
+    for path in files[:1] if case == "single slice" else files:
+        shutil.copy(path, copy / path.name)
+    third = copy / files[2].name
+    if case == "truncated slice":
+        third.write_bytes(third.read_bytes()[:-2000])
+    elif case == "NaN rescale slope":
+        ds = pydicom.dcmread(third)
+        ds.RescaleSlope, ds.RescaleIntercept = "NaN", "0"
+        ds.save_as(third)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty folder",
+        "non-DICOM file",
+        "folder without DICOM",
+        "no matching series",
+        "single slice",
+        "truncated slice",
+        "NaN rescale slope",
+    ],
+)
 def test_bad_inputs_fail_cleanly(series, bands_model, tmp_path, case):
-    if case == "empty folder":
+    if case in ("single slice", "truncated slice", "NaN rescale slope"):
+        bad = _broken_copy(series, tmp_path, case)
+        expected = {
+            "single slice": "has one slice",
+            "truncated slice": "cannot decode pixel data",
+            "NaN rescale slope": "RescaleSlope NaN is not a finite number",
+        }[case]
+    elif case == "empty folder":
         bad = tmp_path / "empty"
         bad.mkdir()
         expected = "empty"
@@ -327,6 +391,9 @@ def test_failure_inside_the_graph_exits_1_without_partial_output(series, tmp_pat
     assert run.returncode == 1, run.stderr[-3000:]
     assert "error: segmentation failed" in run.stderr and "model failure on purpose" in run.stderr
     assert list(out.iterdir()) == [], "no partial output may be left"
+    new_out = tmp_path / "made" / "by_the_run"
+    run = _run([DEPLOY_PY, APP, "-i", series, "-o", new_out, "-m", model])
+    assert run.returncode == 1 and not new_out.exists(), "a failed run leaves no folder it made"
 
 
 def _mixed_input(tmp: Path, series: Path, extra: str) -> Path:

@@ -100,14 +100,16 @@ def _select_series(input_path: Path, files: list[Path]) -> tuple[dict, list[Path
     """The one series to segment: the first rule, in priority order, that selects a series anywhere in the input.
 
     Several series selected by that rule (several patients or studies) are an error: one SEG per run, never a
-    silently dropped series. The series must form a regular volume (no missing slice), as ``prepare`` requires.
+    silently dropped series. The series is read as ``prepare`` reads it (every file decoded, finite geometry and
+    rescale values, one frame of reference, a regular grid of at least two slices), so that a bad file is named
+    here and not found later inside the graph.
 
     Returns:
         selection rules for the SDK that name exactly that series, and its files.
     """
     from rules import SERIES_RULES, exact_series_rules, series_for_first_rule
 
-    from scse_monai.data.dicom_series import check_series_geometry
+    from scse_monai.data.dicom_series import read_dicom_series
     from scse_monai.data.errors import DataPreparationError
 
     name, chosen = series_for_first_rule(files, SERIES_RULES)
@@ -126,8 +128,10 @@ def _select_series(input_path: Path, files: list[Path]) -> tuple[dict, list[Path
             "give one series per run (-i its folder)"
         )
     uid, (_, series_files) = next(iter(chosen.items()))
+    if len(series_files) < 2:
+        raise InputError(f"input {input_path}: series '{name}' has one slice ({series_files[0]}); a volume needs two")
     try:
-        check_series_geometry(series_files, patient=None)
+        read_dicom_series(series_files, rescale=False)
     except DataPreparationError as e:
         raise InputError(f"input {input_path}: series '{name}' cannot be segmented: {e}") from None
     return exact_series_rules(name, uid), series_files
@@ -188,15 +192,29 @@ def _dicom_files_in(paths: list[Path]) -> list[Path]:
     return ok
 
 
-def _staging_folder(output_path: Path) -> Path:
-    """A fresh ``.seg-partial-*`` folder inside the output folder (created); InputError if it cannot be written."""
+def _staging_folder(output_path: Path) -> tuple[Path, bool]:
+    """A fresh ``.seg-partial-*`` folder inside the output folder, and whether the output folder was made for it.
+
+    Raises:
+        InputError: the output folder cannot be written.
+    """
     if output_path.exists() and not output_path.is_dir():
         raise InputError(f"output {output_path}: exists and is not a folder")
+    made = not output_path.exists()
     try:
         output_path.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".seg-partial-", dir=output_path))
+        return Path(tempfile.mkdtemp(prefix=".seg-partial-", dir=output_path)), made
     except OSError as e:
         raise InputError(f"output {output_path}: cannot write there ({e.strerror or e})") from None
+
+
+def _failure(e: BaseException) -> str:
+    """``Type: message`` of an error, with its first cause's when it has one (MONAI wraps transform errors)."""
+    cause = e.__cause__
+    while cause is not None and cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = f"{type(e).__name__}: {e}"
+    return text if cause is None else f"{text} <- {type(cause).__name__}: {cause}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     input_path, output_path = Path(args.input), Path(args.output)
     try:
         model_path, files, labels, rules = check_inputs(input_path, Path(args.model))
-        staging = _staging_folder(output_path)
+        staging, made_output = _staging_folder(output_path)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -239,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             app.run()
         except Exception as e:  # the SDK re-raises operator errors after stopping the graph
             logging.getLogger(__name__).debug("application failed", exc_info=True)
-            print(f"error: segmentation failed: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"error: segmentation failed: {_failure(e)}", file=sys.stderr)
             return EXIT_RUN_FAILED
         written = sorted(staging.glob("*.dcm"))
         if not written:
@@ -251,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if made_output and not any(output_path.iterdir()):
+            output_path.rmdir()  # a failed run leaves no trace, not even the folder it made
 
 
 if __name__ == "__main__":

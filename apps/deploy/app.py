@@ -1,8 +1,9 @@
 """The MONAI Deploy App SDK application graph for the scse_monai bundle.
 
 DICOMDataLoaderOperator -> DICOMSeriesSelectorOperator (CHAOS-like MR T2-SPIR, then CT) ->
-DICOMSeriesToVolumeOperator -> MonaiBundleInferenceOperator (``model.ts`` exported with its configs) ->
-DICOMSegmentationWriterOperator (one segment per organ, SNOMED CT coded), as in the SDK's spleen example.
+DICOMSeriesToVolumeOperator (its affine corrected for non-square pixels) ->
+MonaiBundleInferenceOperator (``model.ts`` exported with its configs) -> DICOMSegmentationWriterOperator (one
+segment per organ, SNOMED CT coded), as in the SDK's spleen example.
 Run it through ``python apps/deploy`` (see ``__main__.py``), which checks the inputs first and
 moves the SEG into the output folder only once it is complete.
 """
@@ -38,6 +39,7 @@ __all__ = [
     "NoMatchingSeriesError",
     "OrganSegApp",
     "RequiredSeriesSelectorOperator",
+    "SpacingCorrectVolumeOperator",
     "segment_descriptions",
 ]
 
@@ -58,6 +60,22 @@ class RequiredSeriesSelectorOperator(DICOMSeriesSelectorOperator):
             names = [s["name"] for s in (selection_rules or {}).get("selections", [])]
             raise NoMatchingSeriesError(f"no DICOM series in the input matches the selection rules {names}")
         return selected
+
+
+class SpacingCorrectVolumeOperator(DICOMSeriesToVolumeOperator):
+    """The SDK's series-to-volume operator with each in-plane spacing on its own axis of the affine.
+
+    SDK 4.0.0 scales the row direction (the column index) by PixelSpacing[0], the spacing between rows, and the
+    column direction by PixelSpacing[1]; DICOM defines the opposite, so non-square pixels were stretched.
+    """
+
+    def compute_affine_transform(self, s_1, s_n, n, series):
+        super().compute_affine_transform(s_1, s_n, n, series)
+        between_rows, between_columns = (float(v) for v in s_1[0x0028, 0x0030].value)  # PixelSpacing, checked > 0
+        for name in (self.ATTRIBUTE_DICOM_AFFINE, self.ATTRIBUTE_NIFTI_AFFINE):
+            affine = getattr(series, name)
+            affine[:3, 0] *= between_columns / between_rows
+            affine[:3, 1] *= between_rows / between_columns
 
 
 # Type 2 Patient / General Study attributes that highdicom copies from the source images into the SEG. They may
@@ -142,7 +160,7 @@ class OrganSegApp(Application):
 
         loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=input_path, name="study_loader")
         selector = RequiredSeriesSelectorOperator(self, rules=json.dumps(self.series_rules), name="series_selector")
-        to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
+        to_volume = SpacingCorrectVolumeOperator(self, name="series_to_volume")
         inference = MonaiBundleInferenceOperator(
             self,
             input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],

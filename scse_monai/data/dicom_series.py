@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 
 from .errors import DataPreparationError
 
-__all__ = ["DicomVolume", "read_dicom_series", "check_series_geometry", "LPS_TO_RAS"]
+__all__ = ["DicomVolume", "read_dicom_series", "LPS_TO_RAS"]
 
 #: Flip of the first two world axes: DICOM patient coordinates are LPS, NIfTI/nibabel/MONAI world is RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -56,9 +56,9 @@ class DicomVolume:
     columns: int
 
 
-def _read_header_and_pixels(path: Path, patient: str | None, pixels: bool = True) -> pydicom.Dataset:
+def _read_header_and_pixels(path: Path, patient: str | None) -> pydicom.Dataset:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+        ds = pydicom.dcmread(path)
     except InvalidDicomError as e:
         raise DataPreparationError(f"not a DICOM file ({e})", patient, path) from None
     except Exception as e:  # truncated files raise assorted errors (EOFError, struct.error, ValueError)
@@ -66,9 +66,19 @@ def _read_header_and_pixels(path: Path, patient: str | None, pixels: bool = True
     for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
         if tag not in ds:
             raise DataPreparationError(f"DICOM file lacks {tag}; cannot place it in space", patient, path)
-    if pixels and "PixelData" not in ds:
+    if "PixelData" not in ds:
         raise DataPreparationError("DICOM file has no pixel data (truncated?)", patient, path)
+    for tag in ("RescaleSlope", "RescaleIntercept"):  # MONAI Deploy applies them to MR too
+        if tag in ds and not _finite(ds, tag):
+            raise DataPreparationError(f"{tag} {ds.get(tag)} is not a finite number", patient, path)
     return ds
+
+
+def _finite(ds: pydicom.Dataset, tag: str) -> bool:
+    try:
+        return bool(np.all(np.isfinite(np.asarray(ds.get(tag), dtype=np.float64))))
+    except (TypeError, ValueError):
+        return False
 
 
 def _pixels(ds: pydicom.Dataset, path: Path, patient: str | None, to_hu: bool) -> np.ndarray:
@@ -136,37 +146,21 @@ def read_dicom_series(
     )
 
 
-def check_series_geometry(files: Sequence[str | Path], patient: str | None = None) -> list[Path]:
-    """Check, from the headers alone, that files form one volume on a regular grid (no missing slice).
-
-    The same rules as :func:`read_dicom_series`, without decoding pixels.
-
-    Args:
-        files: the files of one series.
-        patient: patient / series name used in error messages.
-
-    Returns:
-        the files in slice order.
-
-    Raises:
-        DataPreparationError: as :func:`read_dicom_series`.
-    """
-    paths = [Path(f) for f in files]
-    headers = [_read_header_and_pixels(p, patient, pixels=False) for p in paths]
-    return _placed_slices(headers, paths, patient)[1]
-
-
 def _check_consistent(headers: list[pydicom.Dataset], paths: list[Path], patient: str | None) -> None:
     first, first_path = headers[0], paths[0]
-    ref = getattr(first, "SeriesInstanceUID", None)
+    for tag in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):  # one series, one patient space
+        ref = first.get(tag)
+        for ds, p in zip(headers, paths, strict=True):
+            if ds.get(tag) != ref:
+                raise DataPreparationError(
+                    f"two series mixed in one folder ({tag} {ds.get(tag)} differs from {ref} of {first_path.name})",
+                    patient,
+                    p,
+                )
     for ds, p in zip(headers, paths, strict=True):
-        if getattr(ds, "SeriesInstanceUID", None) != ref:
-            raise DataPreparationError(
-                f"two series mixed in one folder (SeriesInstanceUID {getattr(ds, 'SeriesInstanceUID', None)} "
-                f"differs from {ref} of {first_path.name})",
-                patient,
-                p,
-            )
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if not _finite(ds, tag):
+                raise DataPreparationError(f"{tag} {ds.get(tag)} has a value that is not a finite number", patient, p)
     iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
     spacing = np.asarray(first.PixelSpacing, dtype=np.float64)  # (row spacing dr, column spacing dc)
     if spacing.shape != (2,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
