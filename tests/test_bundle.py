@@ -482,7 +482,7 @@ def test_shipped_weights_are_consistent() -> None:
 
 
 def test_torchscript_inference_config_replaces_only_the_scse_monai_input_check() -> None:
-    """inference_ts.json swaps the one scse_monai transform of the preprocessing (by index) for Identityd."""
+    """inference_ts.json swaps the one scse_monai transform of the preprocessing (by index) for a MONAI Lambdad."""
     ts = json.loads((CFG / "inference_ts.json").read_text())
     base = json.loads((CFG / "inference.json").read_text())
     swapped = [k for k in ts if k.startswith("preprocessing#transforms#")]

@@ -207,13 +207,36 @@ def test_inference_from_the_bundle_folder_with_the_shipped_weights(zoo: SimpleNa
     assert sorted(p.relative_to(zoo.bundle) for p in zoo.bundle.rglob("*")) == before
 
 
-def test_torchscript_inference_needs_no_scse_monai(zoo: SimpleNamespace) -> None:
-    out = zoo.work / "pred_ts"
+def _torchscript_inference_without_scse_monai(zoo: SimpleNamespace, data: Path, out: Path) -> list[str]:
     configs = "['configs/inference.json','configs/inference_ts.json']"
-    argv = ["monai.bundle", "run", "--config_file", configs, "--dataset_dir", str(zoo.data), "--output_dir", str(out)]
+    argv = ["monai.bundle", "run", "--config_file", configs, "--dataset_dir", str(data), "--output_dir", str(out)]
     code = (
         "import runpy, sys; sys.modules['scse_monai'] = None; "  # any import of scse_monai now fails
         f"sys.argv = {argv!r}; runpy.run_module('monai.bundle', run_name='__main__', alter_sys=True)"
     )
-    _sh([zoo.py, "-c", code], cwd=zoo.bundle, env=zoo.env)
+    return [str(zoo.py), "-c", code]
+
+
+def test_torchscript_inference_needs_no_scse_monai(zoo: SimpleNamespace) -> None:
+    out = zoo.work / "pred_ts"
+    _sh(_torchscript_inference_without_scse_monai(zoo, zoo.data, out), cwd=zoo.bundle, env=zoo.env)
     assert len(list(out.glob("*.nii.gz"))) == 1
+
+
+def test_torchscript_inference_refuses_non_finite_input(zoo: SimpleNamespace) -> None:
+    """The MONAI-only input check of inference_ts.json: a NaN voxel fails naming the file, and nothing is written."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.load(zoo.data / "imagesTs" / "toy_0.nii.gz")
+    voxels = np.asarray(image.dataobj, dtype=np.float32)
+    voxels[1, 2, 3] = np.nan
+    bad = zoo.work / "nan_data" / "imagesTs" / "toy_0.nii.gz"
+    bad.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(voxels, image.affine), bad)
+    out = zoo.work / "pred_ts_nan"
+    cmd = _torchscript_inference_without_scse_monai(zoo, bad.parents[1], out)
+    res = subprocess.run(cmd, cwd=zoo.bundle, env=zoo.env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert f"AssertionError: {bad}: expected a 3D image with 1 channel(s) and finite voxels" in res.stderr
+    assert not out.exists() or not any(out.iterdir())

@@ -84,8 +84,11 @@ def _state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's unpickling errors do not name the file
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch's errors do not name the file; its weights-only one spans lines and advises
+        # weights_only=False (unsafe for an untrusted file): keep the line that says what failed
+        detail = str(e).split("WeightsUnpickler error:")[-1]
+        reason = next((line.strip() for line in detail.splitlines() if line.strip()), "")
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from None
     state = state.get("model", state) if isinstance(state, dict) else state  # a bundle's {"model": ...} or bare
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: holds no state dict")
