@@ -313,6 +313,9 @@ def test_folds_stay_patient_level(tmp_path: Path, datalist: Path) -> None:
         ("crossval", ["--dataset-config", "nope"], "nope"),
         ("crossval", ["--ensemble"], "two or more --seeds"),
         ("compare", ["--set", "featurs=16"], "--set featurs: no such id"),
+        ("crossval", ["--set", "val_folds=[0]"], "--set val_folds: each run sets it"),  # would train on held-out
+        ("compare", ["--set", 'se="none"'], "--set se: each run sets it"),
+        ("crossval", ["--set", "network_def#features=4"], "--set network_def#features: each run sets it"),
     ],
 )
 def test_invalid_arguments_exit_2_without_output(tmp_path: Path, datalist: Path, capsys, command, args, message):

@@ -118,6 +118,12 @@ class Run:
         path = latest_checkpoint(self.folder / "models")
         return int(path.stem.split("=")[-1]) if path else 0
 
+    #: bundle ids each run sets itself (``--set`` may not: val_folds or seed would break the held-out split)
+    CONTROLLED_IDS = (
+        "bundle_root", "datalist_file", "ckpt_dir", "output_dir", "val_folds", "resume", "seed", "se", "network_def",
+        "epochs", "kernel_size", "aggregation",
+    )  # fmt: skip
+
     def overrides(self, settings: BundleSettings) -> dict:
         """Bundle overrides of this run (top-level ids, as ``monai.bundle run --<id> <value>`` would take)."""
         ov = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from scse_monai.atomic import write_text_atomic
 from scse_monai.data.datalist import read_datalist
-from scse_monai.experiments.runs import BundleSettings, bundle_configs
+from scse_monai.experiments.runs import BundleSettings, Run, bundle_configs
 
 __all__ = ["ExperimentError", "bundle_settings", "check_seeds", "default_bundle_root", "make_folds", "open_experiment"]
 
@@ -155,6 +155,11 @@ def _checked_overrides(bundle_overrides: dict, bundle_root: Path, extra: list[st
     for key in bundle_overrides:
         if not isinstance(key, str) or not key or key.startswith("#"):
             raise ExperimentError(f"--set: bad bundle id {key!r}")
+        if key.split("#")[0] in Run.CONTROLLED_IDS:
+            raise ExperimentError(
+                f"--set {key}: each run sets it (held-out fold, seed, SE variant, network, paths); use the "
+                "experiment's own options (--folds, --seeds, --se, --network, --epochs, ...)"
+            )
         if key not in parser:
             raise ExperimentError(
                 f"--set {key}: no such id in the bundle's configs ({', '.join(['train.json', *extra])})"
