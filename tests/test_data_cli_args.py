@@ -90,6 +90,21 @@ def test_preview_missing_datalist_or_folder_out_is_bad_input(datalist, tmp_path,
     assert sorted(tmp_path.iterdir()) == []
 
 
+def test_preview_replaces_only_its_own_png(datalist, tmp_path, capsys):
+    """An existing --out is replaced only if an earlier preview wrote it: never the datalist, a volume or a user file."""
+    listed = datalist.parent / "imagesTr" / "chaos_mr_t2_01.nii.gz"
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"\x89PNG user's own picture")
+    for target in (datalist, listed, mine):
+        before = target.read_bytes()
+        assert main(["preview", "--datalist", str(datalist), "--case", "1", "--out", str(target)]) == 2
+        assert str(target) in _one_error_line(capsys) and target.read_bytes() == before
+    out = tmp_path / "p.png"
+    for _ in range(2):  # a rerun replaces its own PNG
+        assert main(["preview", "--datalist", str(datalist), "--case", "1", "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
 def test_preview_ct_is_shown_in_the_package_ct_window(monkeypatch):
     image = np.linspace(-1000.0, 1000.0, 8 * 8 * 3).reshape(8, 8, 3)
     label = np.zeros((8, 8, 3), np.int64)

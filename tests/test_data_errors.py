@@ -170,3 +170,25 @@ def test_synthesize_never_overwrites(raw, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "already exists; not overwriting" in err and "Traceback" not in err
     assert sorted(p.name for p in (raw / "MR" / "1" / "T2SPIR" / "DICOM_anon").iterdir()) == before
+
+
+def test_synthesize_visceral_never_overwrites_a_mask(tmp_path, capsys):
+    """A user's file where a VISCERAL mask would go is kept (only the volumes were checked)."""
+    mask = tmp_path / "Segmentations" / "10000001_1_CTce_ThAb_58_1.nii.gz"
+    mask.parent.mkdir()
+    mask.write_text("USER")
+    code = main(["synthesize", "--layout", "visceral", "--out", str(tmp_path), "--cases", "1", "--size", "16",
+                 "--slices", "4", "4"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and str(mask) in err and "already exists; not overwriting" in err
+    assert mask.read_text() == "USER" and not (tmp_path / "Volumes").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--seed", "-1"), ("--workers", "0"), ("--workers", "-5")])
+def test_prepare_bad_seed_or_workers_is_refused_before_any_work(raw, tmp_path, capsys, option, value):
+    out = tmp_path / "out"
+    code = main(["prepare", "chaos", "--root", str(raw), "--task", "mr-t2spir", "--out", str(out), "--folds", "2",
+                 option, value])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {option} must be >= " in err and "Traceback" not in err
+    assert not out.exists()

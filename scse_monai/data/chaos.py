@@ -282,7 +282,7 @@ def prepare_chaos(
     if not pids:
         raise DataPreparationError("no patient folders", file=root / spec.folder)
     check_case_names({str(root / spec.folder / pid): case_name(task, pid) for pid in pids})
-    folds = check_folds(len(pids), folds)
+    folds = check_folds(len(pids), folds, seed, workers)
     prepare_out_dir(root, out)
     check_out_dir(out, f"CHAOS {task}")
     clean_stale_tmp(out)

@@ -88,14 +88,19 @@ def read_datalist(path: str | os.PathLike, *, absolute: bool = False) -> dict:
     return doc
 
 
-def check_folds(n_patients: int, folds: int) -> int:
-    """The number of folds to use (checked before any work): ``folds``, or ``n_patients`` when there are fewer.
+def check_folds(n_patients: int, folds: int, seed: int = 0, workers: int = 1) -> int:
+    """The number of folds to use (checked, with ``seed`` and ``workers``, before any work): ``folds``, or
+    ``n_patients`` when there are fewer.
 
     Fewer patients than ``--folds`` (a handful of test patients) gives one patient per fold, said on stderr.
 
     Raises:
-        DataPreparationError: ``folds < 1`` or no patients.
+        DataPreparationError: ``folds < 1``, no patients, ``seed < 0`` or ``workers < 1``.
     """
+    if seed < 0:
+        raise DataPreparationError(f"--seed must be >= 0, got {seed}")
+    if workers < 1:
+        raise DataPreparationError(f"--workers must be >= 1, got {workers}")
     if folds < 1 or n_patients < 1:
         raise DataPreparationError(f"--folds {folds} needs folds >= 1 and at least one patient (found {n_patients})")
     if folds > n_patients:

@@ -44,7 +44,8 @@ def preview_case(datalist: str | Path, case: str, out: str | Path, slices: int =
 
     Slices are spread evenly over the slices that contain labels (all slices if none). Display is radiological:
     patient's right on the image left, anterior at the top (the volume is reoriented to RAS first). The PNG is
-    written to a temporary file and renamed, so ``out`` is either complete or absent.
+    written to a temporary file and renamed, so ``out`` is either complete or absent; an existing ``out`` is replaced
+    only if a preview wrote it.
 
     Args:
         datalist: ``datalist.json`` written by ``prepare``.
@@ -59,7 +60,7 @@ def preview_case(datalist: str | Path, case: str, out: str | Path, slices: int =
     Raises:
         ValueError: ``slices`` or ``columns`` below 1 (checked before anything is read or written).
         DataPreparationError: the datalist, the case or one of its files is missing or unreadable, or ``out`` is a
-            folder (names the file).
+            folder or a file that an earlier preview did not write (names the file).
 
     Example:
         >>> preview_case("prepared/datalist.json", "chaos_mr_t2_01", "overlay.png")  # doctest: +SKIP
@@ -72,6 +73,8 @@ def preview_case(datalist: str | Path, case: str, out: str | Path, slices: int =
         raise DataPreparationError("datalist does not exist or is not a file", file=datalist)
     if Path(out).is_dir():
         raise DataPreparationError("is a folder; --out takes the PNG file to write", file=out)
+    if Path(out).exists() and not _written_by_preview(out):
+        raise DataPreparationError("exists and is not a preview PNG; choose another --out or remove it", file=out)
     doc = read_datalist(datalist, absolute=True)
     item = _find_case(doc, case, datalist)
     img, image = _load(item["image"])
@@ -84,9 +87,20 @@ def preview_case(datalist: str | Path, case: str, out: str | Path, slices: int =
     try:
         fig.suptitle(f"{case_name(item['image'])}  (patient {item.get('patient')}, fold {item.get('fold')})")
         fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-        return write_atomically(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+        metadata = {"Software": _SOFTWARE}
+        return write_atomically(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png", metadata=metadata))
     finally:
         plt.close(fig)
+
+
+#: PNG text chunk that marks a montage as written here: only such a file is replaced by a later preview
+_SOFTWARE = "scse_monai preview"
+
+
+def _written_by_preview(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)  # the text chunk comes before the image data
+    return head.startswith(b"\x89PNG") and _SOFTWARE.encode() in head
 
 
 def _load(path: str) -> tuple[nib.Nifti1Image, np.ndarray]:

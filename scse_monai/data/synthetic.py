@@ -492,12 +492,8 @@ def synthesize(layout: str, out: str | Path, cases: int, seed: int = 0, **kw) ->
     smin, smax = kw.get("slices", (24, 36))
     _check_arguments(layout, cases, seed, size, (smin, smax))
     out = Path(out)
-    # never overwrite: refuse if any target patient folder / volume already exists
-    for c in range(cases):
-        if layout == "visceral":
-            target = out / "Volumes" / f"{10000001 + c}_1_CTce_ThAb.nii.gz"
-        else:
-            target = out / ("CT" if layout == "chaos-ct" else "MR") / str(c + 1)
+    # never overwrite: refuse if any target patient folder / volume / mask already exists
+    for target in _targets(layout, out, cases):
         if target.exists():
             raise DataPreparationError("already exists; not overwriting (choose an empty --out)", file=target)
     made = not out.exists()
@@ -522,6 +518,15 @@ def synthesize(layout: str, out: str | Path, cases: int, seed: int = 0, **kw) ->
         if made and not any(out.iterdir()):
             out.rmdir()
     return out
+
+
+def _targets(layout: str, out: Path, cases: int) -> list[Path]:
+    """Every patient folder (CHAOS) or volume and mask file (VISCERAL) that :func:`synthesize` may write."""
+    if layout != "visceral":
+        return [out / ("CT" if layout == "chaos-ct" else "MR") / str(c + 1) for c in range(cases)]
+    stems = [f"{10000001 + c}_1_CTce_ThAb" for c in range(cases)]
+    volumes = [out / "Volumes" / f"{stem}.nii.gz" for stem in stems]
+    return volumes + [out / "Segmentations" / f"{stem}_{rid}_1.nii.gz" for stem in stems for rid in RADLEX.values()]
 
 
 def _check_arguments(layout: str, cases: int, seed: int, size: int, slices: tuple[int, int]) -> None:
