@@ -91,7 +91,7 @@ def test_preview_missing_datalist_or_folder_out_is_bad_input(datalist, tmp_path,
 
 
 def test_preview_replaces_only_its_own_png(datalist, tmp_path, capsys):
-    """An existing --out is replaced only if an earlier preview wrote it: never the datalist, a volume or a user file."""
+    """An existing --out is replaced only if a preview wrote it: never the datalist, a volume or a user file."""
     listed = datalist.parent / "imagesTr" / "chaos_mr_t2_01.nii.gz"
     mine = tmp_path / "mine.png"
     mine.write_bytes(b"\x89PNG user's own picture")
