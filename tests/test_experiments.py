@@ -328,6 +328,30 @@ def test_invalid_arguments_exit_2_without_output(tmp_path: Path, datalist: Path,
 
 
 @pytest.mark.parametrize(
+    ("content", "message"),
+    [('{"training": 3}', "'training' must be a list of objects"), ('{"training": [{"image": 5, "label": "x"}]}',
+     "a training item's 'image' is 5, not a file path")],
+)  # fmt: skip
+def test_malformed_datalist_is_one_line_naming_it(tmp_path: Path, capsys, content: str, message: str) -> None:
+    bad = tmp_path / "datalist.json"
+    bad.write_text(content)
+    out = tmp_path / "out"
+    assert main(["crossval", "--datalist", str(bad), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"datalist {bad}: {message}" in err and "Traceback" not in err and not out.exists()
+
+
+def test_out_with_a_garbage_settings_file_is_refused(tmp_path: Path, datalist: Path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "settings.json").write_text("x")
+    assert main(["crossval", "--datalist", str(datalist), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "settings.json is not a JSON object" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["settings.json"]
+
+
+@pytest.mark.parametrize(
     ("command", "fixture", "unit", "runs", "files"),
     [
         ("crossval", "cv", "folds", 2, ["crossval_per_patient.csv", "crossval_summary.csv", "crossval.md"]),

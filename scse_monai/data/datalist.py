@@ -62,7 +62,8 @@ def read_datalist(path: str | os.PathLike, *, absolute: bool = False) -> dict:
 
     Raises:
         FileNotFoundError: ``datalist <path> does not exist``.
-        InputError: (a ``ValueError``) the file is not valid JSON, or not a JSON object; the message names the file.
+        InputError: (a ``ValueError``) the file is not valid JSON, not a JSON object, or its ``training`` is not a
+            list of objects whose ``image`` / ``label`` are paths; the message names the file.
 
     Example:
         >>> read_datalist("prepared/chaos_mr_t2/datalist.json", absolute=True)["training"][0]["image"]  # doctest: +SKIP
@@ -77,14 +78,16 @@ def read_datalist(path: str | os.PathLike, *, absolute: bool = False) -> dict:
         raise InputError(f"datalist {path} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise InputError(f"datalist {path} is not a JSON object (found a {type(doc).__name__})")
-    if absolute and isinstance(doc.get("training"), list):
+    items = doc.get("training", [])
+    if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+        raise InputError(f"datalist {path}: 'training' must be a list of objects")
+    for it in items:
+        for key in ("image", "label"):
+            if key in it and not (isinstance(it[key], str) and it[key]):
+                raise InputError(f"datalist {path}: a training item's {key!r} is {it[key]!r}, not a file path")
+    if absolute and "training" in doc:
         base = path.resolve().parent
-        doc["training"] = [
-            {**it, **{k: str(base / it[k]) for k in ("image", "label") if isinstance(it.get(k), str)}}
-            if isinstance(it, dict)
-            else it
-            for it in doc["training"]
-        ]
+        doc["training"] = [{**it, **{k: str(base / it[k]) for k in ("image", "label") if k in it}} for it in items]
     return doc
 
 

@@ -92,7 +92,12 @@ def check_out(out: str | Path) -> Path:
 def settings_check(path: Path, settings: dict) -> None:
     """Writes ``settings`` to ``path``, or checks that they equal the recorded ones (a resume)."""
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            raise ExperimentError(f"--out {path.parent}: {path.name} is not a JSON object; use another --out")
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
