@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -495,3 +497,63 @@ def test_crossval_ensemble_scores_each_fold_with_the_mean_softmax_of_its_seeds(c
     again = crossval(datalist, out, folds=2, seeds=(0, 1), epochs=1, bundle_overrides=TINY_SET, progress=False,
                      ensemble=True)  # fmt: skip
     assert again["trained"] == 0 and [p.stat().st_mtime_ns for p in scored] == before  # scored folds are kept
+
+
+def test_a_bad_volume_found_while_scoring_is_one_line(monkeypatch, tmp_path: Path, datalist: Path, capsys) -> None:
+    """MONAI wraps the InputError of a NaN volume in a RuntimeError; the command line gives its message alone."""
+    import scse_monai.experiments.__main__ as cli
+    from scse_monai.errors import InputError
+
+    def crossval(**_):
+        try:
+            raise InputError("case_03.nii.gz: the image has non-finite voxels")
+        except InputError as e:
+            raise RuntimeError("applying transform <CheckInputd>") from e
+
+    monkeypatch.setattr(cli, "crossval", crossval)
+    assert cli.main(["crossval", "--datalist", str(datalist), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: case_03.nii.gz: the image has non-finite voxels"
+
+    def broken(**_):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "crossval", broken)
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error keeps its traceback
+        cli.main(["crossval", "--datalist", str(datalist), "--out", str(tmp_path / "out"), "--no-progress"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_the_training_child_ends_when_the_experiment_process_is_killed(monkeypatch, tmp_path: Path) -> None:
+    """kill -9 of the experiment process left its trainer running, writing checkpoints beside the next resume's."""
+    import signal
+    import subprocess as sp
+    import time
+
+    from scse_monai.experiments import runs
+
+    seen = {}
+    monkeypatch.setattr(runs.subprocess, "run", lambda cmd, **kw: seen.update(kw) or sp.CompletedProcess(cmd, 0))
+    run = runs.Run("unet", "scse", None, fold=0, root=tmp_path / "runs")
+    run.train(runs.BundleSettings(Path("bundle"), tmp_path / "datalist.json"), epochs=1)
+    assert seen["preexec_fn"] is runs._end_with_parent
+
+    # the mechanism: a parent that starts a child with it, then dies by SIGKILL
+    parent = (
+        "import subprocess, sys, time; from scse_monai.experiments.runs import _end_with_parent; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=_end_with_parent); "
+        "print(c.pid, flush=True); time.sleep(60)"
+    )
+    proc = sp.Popen([sys.executable, "-c", parent], stdout=sp.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its killed parent")

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from scse_monai.blocks import AGGREGATIONS, SE_LAYER_NAMES
+from scse_monai.errors import input_error_in
 from scse_monai.experiments.compare import compare
 from scse_monai.experiments.crossval import crossval
 from scse_monai.experiments.runs import TrainingFailed
@@ -121,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingFailed as e:  # the log has the child's traceback; finished runs are kept for a resume
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # a bad volume found while scoring (MONAI wraps the InputError): one line, not a traceback
+        if input_error_in(e) is None:
+            raise
+        print(f"error: {input_error_in(e)}", file=sys.stderr)
+        return 2
     print(f"trained {result['trained']} {unit}, skipped {result['skipped']} finished {unit}")
     for report in [result, result["ensemble"]] if args.ensemble else [result]:
         # a report's files are its *_md and *_csv entries

@@ -33,6 +33,15 @@ HELDOUT_CSV = "heldout.csv"
 CURVES_CSV = "training_curves.csv"
 
 
+def _end_with_parent() -> None:
+    """Run in the training child before exec: on Linux it gets SIGTERM when the experiment process dies, even by
+    ``kill -9``, so no orphaned trainer keeps writing a run's checkpoints beside the next resume's."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (no Python API exists)
+
+
 def bundle_configs(bundle_root: Path, extra: Sequence[str] = ()) -> list[str]:
     """``train.json`` + extra configs (dataset, recipe) as paths."""
     cfg = Path(bundle_root) / "configs"
@@ -175,7 +184,11 @@ class Run:
         log = self.folder / "run.log"
         with open(log, "a", encoding="utf-8") as f:
             cmd = [sys.executable, "-m", "monai.bundle", "run", "--args_file", str(args_file)]
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+            linux = sys.platform.startswith("linux")
+            rc = subprocess.run(
+                cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_end_with_parent if linux else None,
+            ).returncode  # fmt: skip
         if rc != 0:
             raise TrainingFailed(
                 f"{self.name} seed {self.seed} fold {self.fold}: training failed (exit {rc}); see {log}"
