@@ -158,16 +158,17 @@ def test_compare_pairs_variants_by_patient(cmp, datalist: Path) -> None:
     assert "| unet |" in md and "95 % CI" in md and "0.763 / 0.857" in md
 
 
-def test_compare_trains_a_single_non_default_aggregation_as_its_own_variant(cmp, datalist: Path) -> None:
-    out, _ = cmp  # the same folder: its max-out "scse" runs must not be taken for add
+def test_compare_trains_a_non_default_aggregation_as_its_own_variant(cmp, datalist: Path) -> None:
+    out, _ = cmp  # the same folder: its max-out "scse" runs must not be taken for add, and are reused for max
     result = compare(
-        datalist, out, se=["scse"], aggregation=["add"], folds=2, epochs=1, bundle_overrides=TINY_SET, progress=False
-    )
-    assert result["trained"] == 2
+        datalist, out, se=["scse"], aggregation=["max", "add"], folds=2, epochs=1, bundle_overrides=TINY_SET,
+        progress=False,
+    )  # fmt: skip
+    assert result["trained"] == 2 and result["skipped"] == 2
     for k in range(2):
         args = json.loads((out / "runs" / "unet_scse_add" / "seed0" / f"fold{k}" / "train_args.json").read_text())
         assert args["se"] == "scse" and args["aggregation"] == "add"
-    assert {r["variant"] for r in _rows(out / "results.csv")} == {"scse_add"}
+    assert {r["variant"] for r in _rows(out / "results.csv")} == {"scse", "scse_add"}
 
 
 def test_compare_ensemble_reports_each_variant_as_the_mean_softmax_of_its_seeds(cmp, datalist: Path, tmp_path) -> None:

@@ -54,10 +54,10 @@ def _choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> list[s
 def _runs(
     networks, ses, aggs, seeds, folds, root: Path, kernel_size, bundle_aggregation: str
 ) -> dict[tuple[str, str], list[Run]]:
-    """``{(network, variant): [Run per seed x fold]}``. scSE with the bundle's aggregation alone is ``scse``; any
-    other aggregation, or several, are one variant ``scse_<agg>`` each, trained with that aggregation."""
+    """``{(network, variant): [Run per seed x fold]}``. scSE with the bundle's aggregation is ``scse`` (so a later
+    call reuses its runs whatever the other aggregations); any other is a variant ``scse_<agg>``, trained with it."""
     variants: dict[tuple[str, str], list[Run]] = {}
-    scse_aggs = [None] if list(aggs) == [bundle_aggregation] else list(aggs)
+    scse_aggs = [None if agg == bundle_aggregation else agg for agg in aggs]
     for net in networks:
         for s in ses:
             for agg in scse_aggs if s == "scse" else [None]:
