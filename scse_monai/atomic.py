@@ -7,11 +7,12 @@ truncated one. Every writer of results, checkpoints and datalists in the package
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomically", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["process_alive", "work_folder", "write_atomically", "write_bytes_atomic", "write_text_atomic"]
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object], mode: int = 0o644) -> Path:
@@ -51,3 +52,34 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Writes UTF-8 ``text`` to ``path`` atomically (see :func:`write_atomically`)."""
     return write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (our own pid counts as gone: an earlier process had the same id)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def work_folder(folder: str | os.PathLike, prefix: str) -> Path:
+    """A fresh folder ``<prefix><pid>-*`` inside ``folder`` for work that is moved into place once complete.
+
+    Folders of that prefix that a process no longer running left behind (killed before its clean-up) are removed
+    first; those of running processes are left alone.
+
+    Example::
+
+        >>> work = work_folder("out", ".seg-partial-")  # out/.seg-partial-4242-k3j2x1
+    """
+    folder = Path(folder)
+    for stale in folder.glob(f"{prefix}*"):
+        pid = stale.name[len(prefix) :].split("-")[0]
+        if stale.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder))

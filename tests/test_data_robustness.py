@@ -211,3 +211,16 @@ def test_full_disk_is_one_line_exit_1(chaos, tmp_path):
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert not list(out.rglob(".tmp-*")) and not (out / "datalist.json").exists()
+
+
+def test_synthesize_removes_the_work_folder_a_killed_run_left(tmp_path):
+    """A killed synthesize left .synthesize.tmp-* in --out for good; the next run removes it (a live one stays)."""
+    from scse_monai.data import synthesize
+
+    out = tmp_path / "raw"
+    dead = out / f".synthesize.tmp-{_dead_pid()}-abc"
+    live = out / ".synthesize.tmp-1-xyz"  # pid 1 (init) runs
+    for folder in (dead, live):
+        (folder / "MR").mkdir(parents=True)
+    synthesize("chaos-mr", out, cases=1, seed=0, size=16, slices=(3, 3), progress=False)
+    assert (out / "MR" / "1").is_dir() and sorted(out.glob(".synthesize.tmp-*")) == [live]

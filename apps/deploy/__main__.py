@@ -15,7 +15,6 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 __all__ = ["main"]
@@ -203,7 +202,9 @@ def _staging_folder(output_path: Path) -> tuple[Path, bool]:
     made = not output_path.exists()
     try:
         output_path.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".seg-partial-", dir=output_path)), made
+        from scse_monai.atomic import work_folder  # removes the .seg-partial-* of runs killed before clean-up
+
+        return work_folder(output_path, ".seg-partial-"), made
     except OSError as e:
         raise InputError(f"output {output_path}: cannot write there ({e.strerror or e})") from None
 

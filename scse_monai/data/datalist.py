@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..atomic import write_text_atomic
+from ..atomic import process_alive, write_text_atomic
 from ..errors import InputError
 from .errors import DataPreparationError
 
@@ -165,23 +165,11 @@ def clean_stale_tmp(out: Path) -> list[Path]:
     for sub in ("imagesTr", "labelsTr"):
         for p in (out / sub).glob(".tmp-*"):
             m = _TMP_RE.match(p.name)
-            if m and p.is_file() and not _process_alive(int(m.group(1))):
+            if m and p.is_file() and not process_alive(int(m.group(1))):
                 stale.append(p)
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own pid: left by an earlier process that had the same id
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_case_names(inputs: Mapping[str, str]) -> None:

@@ -15,7 +15,6 @@ standard axial DICOM slices (ImageOrientationPatient 1\\0\\0\\0\\1\\0).
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from ..atomic import work_folder
 from .errors import DataPreparationError
 from .radlex import RADLEX_IDS
 
@@ -500,7 +500,7 @@ def synthesize(layout: str, out: str | Path, cases: int, seed: int = 0, **kw) ->
     out.mkdir(parents=True, exist_ok=True)
     # every case is written into a temporary folder inside out, then moved into place: a failure half-way (a full
     # disk) leaves out as it was
-    work = Path(tempfile.mkdtemp(prefix=".synthesize.tmp-", dir=out))
+    work = work_folder(out, ".synthesize.tmp-")
     try:
         case_seeds = np.random.default_rng(seed).integers(0, 2**31, size=cases)
         for c in tqdm(range(cases), desc=f"synthesize {layout}", disable=not kw.get("progress", True)):
