@@ -27,8 +27,8 @@ from PIL import Image
 
 from .datalist import (
     check_case_names,
-    check_folds,
     check_out_dir,
+    check_prepare_options,
     clean_stale_tmp,
     count_classes,
     finite_or_replace,
@@ -282,7 +282,7 @@ def prepare_chaos(
     if not pids:
         raise DataPreparationError("no patient folders", file=root / spec.folder)
     check_case_names({str(root / spec.folder / pid): case_name(task, pid) for pid in pids})
-    folds = check_folds(len(pids), folds, seed, workers)
+    folds = check_prepare_options(len(pids), folds, seed, workers)
     prepare_out_dir(root, out)
     check_out_dir(out, f"CHAOS {task}")
     clean_stale_tmp(out)

@@ -91,8 +91,8 @@ def read_datalist(path: str | os.PathLike, *, absolute: bool = False) -> dict:
     return doc
 
 
-def check_folds(n_patients: int, folds: int, seed: int = 0, workers: int = 1) -> int:
-    """The number of folds to use (checked, with ``seed`` and ``workers``, before any work): ``folds``, or
+def check_prepare_options(n_patients: int, folds: int, seed: int = 0, workers: int = 1) -> int:
+    """Checks ``prepare``'s options before any work; returns the number of folds to use: ``folds``, or
     ``n_patients`` when there are fewer.
 
     Fewer patients than ``--folds`` (a handful of test patients) gives one patient per fold, said on stderr.

@@ -163,7 +163,7 @@ def _check_consistent(headers: list[pydicom.Dataset], paths: list[Path], patient
                 raise DataPreparationError(f"{tag} {ds.get(tag)} has a value that is not a finite number", patient, p)
     iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
     spacing = np.asarray(first.PixelSpacing, dtype=np.float64)  # (row spacing dr, column spacing dc)
-    if spacing.shape != (2,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+    if spacing.shape != (2,) or np.any(spacing <= 0):  # finite: checked above, in every file
         raise DataPreparationError(f"PixelSpacing {spacing.tolist()} must be two positive numbers", patient, first_path)
     if iop.shape != (6,) or np.linalg.norm(np.cross(iop[:3], iop[3:])) < 1e-3:
         raise DataPreparationError(f"ImageOrientationPatient {iop.tolist()} is degenerate", patient, first_path)

@@ -24,8 +24,8 @@ import numpy as np
 from .datalist import case_name as _stem  # the file name without its image suffix
 from .datalist import (
     check_case_names,
-    check_folds,
     check_out_dir,
+    check_prepare_options,
     clean_stale_tmp,
     count_classes,
     finite_or_replace,
@@ -230,7 +230,7 @@ def prepare_visceral(
     if not volumes:
         raise DataPreparationError("no .nii/.nii.gz volumes", file=vol_dir)
     check_case_names({str(v): case_name(v) for v in volumes})
-    folds = check_folds(len({_stem(v).split("_")[0] for v in volumes}), folds, seed, workers)
+    folds = check_prepare_options(len({_stem(v).split("_")[0] for v in volumes}), folds, seed, workers)
     mods = {"MR" if re.search(r"_MR", _stem(v), re.I) else "CT" for v in volumes}
     if len(mods) > 1:
         raise DataPreparationError("CT and MR volumes mixed; prepare them into separate folders", file=vol_dir)
