@@ -100,8 +100,8 @@ def _select_series(input_path: Path, files: list[Path]) -> tuple[dict, list[Path
 
     Several series selected by that rule (several patients or studies) are an error: one SEG per run, never a
     silently dropped series. The series is read as ``prepare`` reads it (every file decoded, finite geometry and
-    rescale values, one frame of reference, a regular grid of at least two slices), so that a bad file is named
-    here and not found later inside the graph.
+    rescale values, one frame of reference, a regular grid), and must have two slices or more (the SDK sets no
+    geometry for one), so that a bad file is named here and not found later inside the graph.
 
     Returns:
         selection rules for the SDK that name exactly that series, and its files.
@@ -191,15 +191,19 @@ def _dicom_files_in(paths: list[Path]) -> list[Path]:
     return ok
 
 
-def _staging_folder(output_path: Path) -> tuple[Path, bool]:
-    """A fresh ``.seg-partial-*`` folder inside the output folder, and whether the output folder was made for it.
+def _staging_folder(output_path: Path) -> tuple[Path, Path | None]:
+    """A fresh ``.seg-partial-*`` folder inside the output folder, and the topmost folder made for it (or None).
 
     Raises:
         InputError: the output folder cannot be written.
     """
     if output_path.exists() and not output_path.is_dir():
         raise InputError(f"output {output_path}: exists and is not a folder")
-    made = not output_path.exists()
+    made = None
+    for folder in (output_path, *output_path.parents):
+        if folder.exists():
+            break
+        made = folder
     try:
         output_path.mkdir(parents=True, exist_ok=True)
         from scse_monai.atomic import work_folder  # removes the .seg-partial-* of runs killed before clean-up
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     input_path, output_path = Path(args.input), Path(args.output)
     try:
         model_path, files, labels, rules = check_inputs(input_path, Path(args.model))
-        staging, made_output = _staging_folder(output_path)
+        staging, made = _staging_folder(output_path)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -270,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if made_output and not any(output_path.iterdir()):
-            output_path.rmdir()  # a failed run leaves no trace, not even the folder it made
+        if made is not None and not any(p.is_file() for p in made.rglob("*")):
+            shutil.rmtree(made)  # a failed run leaves no trace, not even the folders it made
 
 
 if __name__ == "__main__":
