@@ -123,9 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # a bad volume found while scoring (MONAI wraps the InputError): one line, not a traceback
-        if input_error_in(e) is None:
+        if (error := input_error_in(e)) is None:
             raise
-        print(f"error: {input_error_in(e)}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"trained {result['trained']} {unit}, skipped {result['skipped']} finished {unit}")
     for report in [result, result["ensemble"]] if args.ensemble else [result]:

@@ -127,15 +127,10 @@ class Run:
         path = latest_checkpoint(self.folder / "models")
         return int(path.stem.split("=")[-1]) if path else 0
 
-    #: bundle ids each run sets itself (``--set`` may not: val_folds or seed would break the held-out split)
-    CONTROLLED_IDS = (
-        "bundle_root", "datalist_file", "ckpt_dir", "output_dir", "val_folds", "resume", "seed", "se", "network_def",
-        "epochs", "kernel_size", "aggregation",
-    )  # fmt: skip
-
     def overrides(self, settings: BundleSettings) -> dict:
         """Bundle overrides of this run (top-level ids, as ``monai.bundle run --<id> <value>`` would take)."""
         ov = {
+            **settings.overrides,  # first: the ids below are the run's own (controlled_ids refuses them in --set)
             "bundle_root": str(settings.bundle_root),
             "datalist_file": str(settings.datalist_file),
             "ckpt_dir": str(self.folder / "models"),
@@ -145,7 +140,6 @@ class Run:
             "seed": self.seed,
             "se": self.se,
             "network_def#_target_": network_target(self.network),
-            **settings.overrides,
         }
         if settings.epochs is not None:
             ov["epochs"] = settings.epochs
@@ -154,6 +148,12 @@ class Run:
         if self.aggregation:
             ov["aggregation"] = self.aggregation
         return ov
+
+    @staticmethod
+    def controlled_ids() -> set[str]:
+        """Top-level bundle ids that every run sets itself (``--set`` may not: it would move the held-out fold)."""
+        probe = Run("unet", "scse", "max", 0, Path(), kernel_size=3)
+        return {key.split("#")[0] for key in probe.overrides(BundleSettings(Path(), Path(), epochs=1))}
 
     def build_network(self, settings: BundleSettings) -> torch.nn.Module:
         """The run's ``network_def`` exactly as the bundle builds it (randomly initialised)."""

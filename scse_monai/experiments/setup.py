@@ -157,10 +157,11 @@ def _checked_overrides(bundle_overrides: dict, bundle_root: Path, extra: list[st
 
     parser = ConfigParser()
     parser.read_config(bundle_configs(bundle_root, extra))
+    controlled = Run.controlled_ids()
     for key in bundle_overrides:
         if not isinstance(key, str) or not key or key.startswith("#"):
             raise ExperimentError(f"--set: bad bundle id {key!r}")
-        if key.split("#")[0] in Run.CONTROLLED_IDS:
+        if key.split("#")[0] in controlled:
             raise ExperimentError(
                 f"--set {key}: each run sets it (held-out fold, seed, SE variant, network, paths); use the "
                 "experiment's own options (--folds, --seeds, --se, --network, --epochs, ...)"
