@@ -451,7 +451,8 @@ def test_uploads_are_checked_and_errors_are_4xx(server, tmp_path):
     assert status == 400 and b"JSON" in body, (status, body)
     status, body = _upload(f"{url}/datastore/label?image=no_such_image", {"label": ("l.nii.gz", ok)})
     assert status == 404, (status, body)
-    # MONAI Label parses params after writing the upload: that one file stays, in the workspace, until a restart
+    # a known limitation, not a requirement: MONAI Label parses params after writing the upload, so that one file
+    # stays (in the workspace, not the system's temp folder) until the next start
     assert len(set(uploads_tmp.iterdir()) - before) == 1
     image_id = sorted(server["studies"].glob("chaos_*.nii.gz"))[0].name[: -len(".nii.gz")]
     status, body = _upload(f"{url}/infer/{MODEL}?image={image_id}", {}, {"params": "{not json"}, method="POST")

@@ -414,5 +414,7 @@ def install_guard(allowed_origins: Iterable[str], max_upload_bytes: int) -> bool
         schema["paths"] = {p: v for p, v in schema["paths"].items() if _route({"path": p}) not in REFUSED_ROUTES}
         return schema
 
-    fastapi_app.openapi = openapi  # FastAPI's documented way to customise the schema
+    # FastAPI's documented way to customise the schema; a route's include_in_schema does not reach the routers that
+    # FastAPI 0.165 includes lazily (they are not in app.routes)
+    fastapi_app.openapi = openapi
     return True
