@@ -37,7 +37,7 @@ _SPATIAL_DIMS = (1, 2, 3)
 
 
 def _check_spatial_dims(spatial_dims: int) -> None:
-    if spatial_dims not in _SPATIAL_DIMS:
+    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int) or spatial_dims not in _SPATIAL_DIMS:
         raise ValueError(f"spatial_dims must be one of {_SPATIAL_DIMS}, got {spatial_dims!r}.")
 
 
@@ -45,6 +45,11 @@ def _check_inplace(inplace: bool) -> bool:
     if not isinstance(inplace, bool):
         raise ValueError(f"inplace must be True or False, got {inplace!r}.")
     return inplace
+
+
+def _write_over(inplace: bool) -> bool:
+    # not while tracing: a trace keeps the ops, not the branch, and in-place ops would then fail with autograd on
+    return inplace and not torch.is_grad_enabled() and not torch.jit.is_tracing()
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -108,14 +113,15 @@ class ChannelSELayer(nn.Module):
         """Returns the channel gates, shape ``(B, C, 1, ...)``, broadcastable against ``x``."""
         _check_input(x, self.spatial_dims, self.in_channels)
         b, c = x.shape[0], x.shape[1]
+        voxels = x.numel() // max(b * c, 1)  # per channel (x[0, 0] does not exist in an empty batch)
         # sum / n is the global average pool; mean's backward would write a full-size map, sum's is a broadcast view.
         # Half-precision inputs are summed in float32: a float16 sum overflows past 65504.
         total = x.sum(self.reduce_dims, dtype=torch.promote_types(x.dtype, torch.float32))
-        y = self.fc((total / max(x[0, 0].numel(), 1)).to(x.dtype))
+        y = self.fc((total / max(voxels, 1)).to(x.dtype))
         return y.view([b, c] + [1] * self.spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace and not torch.is_grad_enabled():
+        if _write_over(self.inplace):
             return x.mul_(self.gate(x))
         return x * self.gate(x)
 
@@ -158,7 +164,7 @@ class SpatialSELayer(nn.Module):
         return torch.sigmoid(logits).view([b, 1] + list(x.shape[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace and not torch.is_grad_enabled():
+        if _write_over(self.inplace):
             return x.mul_(self.gate(x))
         return x * self.gate(x)
 
@@ -209,7 +215,7 @@ class ChannelSpatialSELayer(nn.Module):
         if self.aggregation == "concat":
             return self.fuse(torch.cat([x * gc, x * gs], dim=1))
         # one formula per aggregation; inplace only writes its last steps over x, after every read of x
-        inplace = self.inplace and not torch.is_grad_enabled()
+        inplace = _write_over(self.inplace)
         if self.aggregation == "max":
             # max(a, b) == b + relu(a - b), a - b == x * (gc - gs): the same values (to rounding) and a backward of
             # cheap elementwise ops (torch.maximum's is not); at ties (x == 0) the gradient goes to the sSE branch,

@@ -179,3 +179,11 @@ def test_whole_model_pickles_and_loads_back():
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert type(loaded.input_block) is type(model.input_block)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_blocks_take_the_models_dtype(dtype):
+    model = add_se(basic_unet(2).to(dtype), "scse")
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 1, 32, 32, dtype=dtype)).dtype == dtype

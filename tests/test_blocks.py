@@ -283,6 +283,8 @@ def test_scripted_training_gradients_match_eager():
         (lambda: get_se_layer("sse", 2, 8, reduction_ratio=0), "reduction_ratio must be a positive integer, got 0"),
         (lambda: get_se_layer("none", 2, 8, reduction_ratio="2"), "reduction_ratio must be a positive integer"),
         (lambda: ChannelSpatialSELayer(2, 8, inplace="yes"), "inplace must be True or False"),
+        (lambda: get_se_layer("scse", True, 8), r"spatial_dims must be one of \(1, 2, 3\), got True"),
+        (lambda: SpatialSELayer(2.0, 8), r"spatial_dims must be one of \(1, 2, 3\), got 2.0"),
     ],
 )
 def test_invalid_arguments_raise_value_error_listing_allowed_values(call, match):

@@ -53,6 +53,18 @@ def test_output_is_the_log_of_the_mean_probabilities() -> None:
     assert torch.isfinite(out).all()
 
 
+def test_half_precision_output_is_finite() -> None:
+    # the probability floor 1e-12 is 0 in float16, where log would give -inf for a confident network
+    class Confident(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x * 0 + 40.0, x * 0], dim=1)  # class 1 has probability exp(-40), 0 in float16
+
+    ensemble = MeanSoftmaxEnsemble([Confident(), Confident()])
+    out = ensemble(torch.zeros(1, 1, 4, 4).half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert ensemble(torch.zeros(1, 1, 4, 4)).min() == pytest.approx(-27.631, abs=1e-3)  # float32: floor 1e-12
+
+
 def test_torchscript_export_matches_eager() -> None:
     ens = MeanSoftmaxEnsemble([_net(0), _net(1)]).eval()
     x = torch.randn(1, 3, 32, 32)
@@ -88,6 +100,8 @@ def test_combined_checkpoint_reproduces_each_member(tmp_path: Path) -> None:
     assert all(torch.equal(first[k], v) for k, v in _net(0).state_dict().items())
     with pytest.raises(ValueError, match="no ensemble member 2"):
         member_state(out, 2)
+    with pytest.raises(ValueError, match="no ensemble member True"):
+        member_state(out, True)  # not member 1: a bool index named no key and gave an empty state dict
     with pytest.raises(ValueError, match="already an ensemble"):
         combine_checkpoints([out, paths[0]], tmp_path / "again.pt")
 
@@ -102,6 +116,11 @@ def test_mismatched_or_unreadable_members_are_refused(tmp_path: Path) -> None:
         ensemble_size(tmp_path / "junk.pt")
     # one line, without torch's advice to load with weights_only=False (unsafe for a file of unknown origin)
     assert "\n" not in str(raised.value) and "weights_only" not in str(raised.value), str(raised.value)
+    # a training checkpoint of another layout: a dict, but not of tensors
+    torch.save({"state_dict": _net(2).state_dict(), "epoch": 3}, tmp_path / "lightning.pt")
+    with pytest.raises(ValueError, match="lightning.pt: holds no state dict"):
+        combine_checkpoints([paths[0], tmp_path / "lightning.pt"], tmp_path / "out.pt")
+    assert main([str(paths[0]), str(tmp_path / "lightning.pt"), "--out", str(tmp_path / "out.pt")]) == 1
     with pytest.raises(ValueError, match="two or more"):
         combine_checkpoints(paths[:1], tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()

@@ -318,6 +318,11 @@ def test_registry_and_bundle_target():
     [
         ({"spatial_dims": 4}, r"spatial_dims.*\(1, 2, 3\)"),
         ({"spatial_dims": 0}, r"spatial_dims.*\(1, 2, 3\)"),
+        ({"spatial_dims": True}, r"spatial_dims.*\(1, 2, 3\)"),
+        ({"spatial_dims": 2.0}, r"spatial_dims.*\(1, 2, 3\)"),
+        ({"kernel_size": 4}, "kernel_size must be a positive odd integer"),
+        ({"kernel_size": 0}, "kernel_size must be a positive odd integer"),
+        ({"kernel_size": True}, "kernel_size must be a positive odd integer"),
         ({"features": 0}, "features"),
         ({"in_channels": 0}, "in_channels"),
         ({"se": "bse"}, "cse.*sse.*scse"),
@@ -330,3 +335,34 @@ def test_invalid_arguments(cls, kwargs, match):
     args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "features": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         cls(**args)
+
+
+def test_interp_mode_must_suit_the_spatial_dims():
+    with pytest.raises(ValueError, match=r"interp_mode must be one of .*'trilinear'\) for 3D"):
+        SEUNet(3, 1, 2, features=4, interp_mode="bilinear")
+    net = SEUNet(3, 1, 2, features=4, interp_mode="trilinear").eval()
+    assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_traced_under_no_grad_runs_with_autograd_too(cls):
+    # MONAI's convert_to_torchscript(use_trace=True) traces under no_grad: a trace of the in-place blocks would keep
+    # ops with out= that fail as soon as the traced model runs with autograd (fine-tuning, GradCAM)
+    torch.manual_seed(0)
+    net = cls(2, 1, 3, features=4).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x, check_trace=False)
+        expected = net(x)
+    out = traced(x)
+    out.sum().backward()
+    assert torch.allclose(out, expected, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(traced(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_empty_batch_gives_an_empty_output(cls):
+    net = cls(2, 1, 3, features=4).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(0, 1, 32, 32)).shape == (0, 3, 32, 32)

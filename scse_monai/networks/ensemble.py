@@ -33,8 +33,9 @@ MEMBER_KEY = re.compile(re.escape(PREFIX) + r"(\d+)\.")  # the start of an ensem
 class MeanSoftmaxEnsemble(nn.Module):
     """Networks of the same output classes whose softmax probabilities are averaged.
 
-    The output is ``log(mean_i softmax(net_i(x)))`` (probabilities clamped at 1e-12 before the log), so it can
-    stand wherever one network's logits did: ``softmax`` of it is the mean of the members' probabilities.
+    The output is ``log(mean_i softmax(net_i(x)))`` (probabilities clamped at 1e-12, in float16 at 6.1e-5, before
+    the log), so it can stand wherever one network's logits did: ``softmax`` of it is the mean of the members'
+    probabilities.
     Members are ``networks.0``, ``networks.1``, ... in the state dict.
 
     Args:
@@ -58,7 +59,8 @@ class MeanSoftmaxEnsemble(nn.Module):
         for net in self.networks:
             probs.append(torch.softmax(net(x), dim=1))
         mean = torch.stack(probs).mean(dim=0)
-        return mean.clamp_min(1e-12).log()
+        # 1e-12 is 0 in float16: there the floor is float16's smallest normal number
+        return mean.clamp_min(6.103515625e-05 if mean.dtype == torch.float16 else 1e-12).log()
 
 
 def mean_softmax_ensemble(network: nn.Module, size: int) -> nn.Module:
@@ -90,8 +92,8 @@ def _state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         reason = next((line.strip() for line in detail.splitlines() if line.strip()), "")
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from None
     state = state.get("model", state) if isinstance(state, dict) else state  # a bundle's {"model": ...} or bare
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"{path}: holds no state dict")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: holds no state dict (a mapping of parameter names to tensors, or one under 'model')")
     return state
 
 
@@ -119,7 +121,7 @@ def member_state(checkpoint: str | os.PathLike, index: int) -> dict[str, torch.T
     """
     state = _state_dict(checkpoint)
     size = _count(state)
-    if size == 1 or not 0 <= index < size:
+    if size == 1 or isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < size:
         raise ValueError(f"{checkpoint}: no ensemble member {index} (the file holds {size} network(s))")
     prefix = f"{PREFIX}{index}."
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -127,7 +127,8 @@ def add_se(model: nn.Module, se: str = "scse", **kwargs) -> nn.Module:
     and each up layer). 2D and 3D. Never on the final logits.
 
     Args:
-        model: the network; modified in place and returned.
+        model: the network; modified in place and returned. The blocks take the device and floating-point dtype
+            of its parameters.
         se: ``"cse"``, ``"sse"`` or ``"scse"`` (``None``/``"none"`` inserts identities).
         kwargs: ``reduction_ratio``, ``aggregation`` and ``inplace`` (default ``False``), passed to
             :func:`scse_monai.blocks.get_se_layer`. With ``inplace=True`` the blocks write over their stage's output
@@ -161,6 +162,9 @@ def add_se(model: nn.Module, se: str = "scse", **kwargs) -> nn.Module:
             raise ValueError(f"{type(stage).__name__} already has an 'se' attribute; add_se was applied twice?")
     # build every block before touching the model, so invalid options leave it unchanged
     blocks = [get_se_layer(se, spatial_dims, _out_channels(stage), **kwargs) for stage in stages]
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is not None:  # the blocks join the model on its device, in its precision
+        blocks = [block.to(device=weight.device, dtype=weight.dtype) for block in blocks]
     for stage, block in zip(stages, blocks, strict=True):
         _attach(stage, block)
     return model

@@ -8,7 +8,13 @@ from monai.networks.layers.factories import Conv
 from monai.networks.layers.utils import get_act_layer, get_dropout_layer, get_norm_layer
 from torch import nn
 
-__all__ = ["DenseStage", "conv_stage"]
+__all__ = ["DenseStage", "check_kernel_size", "conv_stage"]
+
+
+def check_kernel_size(kernel_size: int) -> None:
+    """Raises ``ValueError`` unless ``kernel_size`` is a positive odd integer (padding ``k // 2`` keeps the size)."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}.")
 
 
 def conv_stage(
@@ -38,6 +44,7 @@ def conv_stage(
         >>> conv_stage(2, 1, 8, num_convs=2, kernel_size=5, act="relu", norm="batch")(torch.zeros(1, 1, 8, 8)).shape
         torch.Size([1, 8, 8, 8])
     """
+    check_kernel_size(kernel_size)
     layers = [
         Convolution(
             spatial_dims,
@@ -85,6 +92,7 @@ class DenseStage(nn.Module):
         dropout: tuple | str | float | None = None,
     ) -> None:
         super().__init__()
+        check_kernel_size(kernel_size)
 
         def unit(cin: int, k: int) -> nn.Sequential:
             return nn.Sequential(
