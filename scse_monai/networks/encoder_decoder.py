@@ -31,7 +31,9 @@ class SEEncoderDecoder(nn.Module):
     """Encoder-decoder with an SE block after every stage; built by the concrete networks.
 
     Inputs whose spatial size is not divisible by ``2**4 = 16`` are zero-padded at their end and the logits
-    cropped back, so any size works and the output always has the input's spatial size.
+    cropped back, so any size works and the output always has the input's spatial size. (Training with batch norm
+    needs more than one value per channel at the bottleneck, ``1/16`` of the padded size: a batch of one needs a
+    spatial size above 16 in some dimension.)
 
     Args:
         spatial_dims: number of spatial dimensions (1, 2 or 3); the same class serves 2D and 3D.
