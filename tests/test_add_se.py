@@ -187,3 +187,13 @@ def test_blocks_take_the_models_dtype(dtype):
     assert {p.dtype for p in model.parameters()} == {dtype}
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 1, 32, 32, dtype=dtype)).dtype == dtype
+
+
+def test_segresnet_with_empty_up_layers():
+    # blocks_up 0: the up layers are empty Sequentials; their SE blocks take the upsampling's channels
+    model = SegResNet(spatial_dims=2, in_channels=1, out_channels=2, init_filters=8, blocks_up=(0, 0, 0)).eval()
+    x = torch.randn(1, 1, 32, 32)
+    add_se(model, "scse")
+    assert sum(1 for n, _ in model.named_modules() if n.endswith(".se")) == 7
+    with torch.no_grad():
+        assert model(x).shape == (1, 2, 32, 32)

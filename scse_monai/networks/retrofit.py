@@ -75,6 +75,14 @@ def _out_channels(stage: nn.Module) -> int:
     return convs[-1].out_channels
 
 
+def _stage_channels(model: nn.Module, stages: list[nn.Module]) -> list[int]:
+    """Output channels of each stage; a SegResNet up layer of no blocks (``blocks_up`` 0) has its upsampling's."""
+    if isinstance(model, SegResNet):
+        ups = [layer if len(layer) else sample for layer, sample in zip(model.up_layers, model.up_samples, strict=True)]
+        return [_out_channels(stage) for stage in [*model.down_layers, *ups]]
+    return [_out_channels(stage) for stage in stages]
+
+
 def _attach(stage: nn.Module, block: nn.Module) -> None:
     if type(stage).forward is not nn.Sequential.forward:
         stage.__class__ = _with_se_class(type(stage))
@@ -161,7 +169,7 @@ def add_se(model: nn.Module, se: str = "scse", **kwargs) -> nn.Module:
         if hasattr(stage, "se"):
             raise ValueError(f"{type(stage).__name__} already has an 'se' attribute; add_se was applied twice?")
     # build every block before touching the model, so invalid options leave it unchanged
-    blocks = [get_se_layer(se, spatial_dims, _out_channels(stage), **kwargs) for stage in stages]
+    blocks = [get_se_layer(se, spatial_dims, channels, **kwargs) for channels in _stage_channels(model, stages)]
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if weight is not None:  # the blocks join the model on its device, in its precision
         blocks = [block.to(device=weight.device, dtype=weight.dtype) for block in blocks]
