@@ -5,9 +5,10 @@ its ``CheckpointLoader`` needs a path that exists when the config is parsed. A r
 are complete or absent, and "load the latest good checkpoint if there is one". ignite does the saving; the thin
 subclasses below add what it cannot do, each with the reason:
 
-- :class:`AtomicCheckpointSaver`: interval checkpoints ``<prefix>_epoch=N.pt`` (for resuming) and the best model
-  (``model.pt``, its score kept in ``model.pt.json`` so that a resumed run never replaces a better model). Neither
-  is written when the weights hold NaN or inf.
+- :class:`AtomicCheckpointSaver`: interval checkpoints ``<prefix>_epoch=N.pt`` (for resuming; an old one is
+  removed only once the new one is in place) and the best model (``model.pt``, its score kept in ``model.pt.json``
+  so that a resumed run never replaces a better model; "better" is the engine's ``metric_cmp_fn``, as in MONAI's
+  workflows). Neither is written when the weights hold NaN or inf, and a NaN score is never the best.
 - :class:`ResumeFromLatestCheckpoint`: at training start, removes the temporary files a killed run left in the
   folder, then loads the newest readable interval checkpoint; an unreadable one (truncated, corrupt) is named in
   the log, renamed to ``<name>.corrupt`` and the previous one is tried.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -40,7 +42,6 @@ __all__ = [
     "remove_orphan_temp_files",
 ]
 
-_EPOCH_RE = re.compile(r"_epoch=(\d+)\.pt$")
 #: temporary files of scse_monai.atomic (``.<name>.<random>.tmp``) and of ignite's atomic DiskSaver (``tmp<random>``)
 _TEMP_FILE_RE = re.compile(r"^(\..+\.tmp|tmp[a-z0-9_]{8})$")
 _logger = logging.getLogger(__name__)
@@ -90,12 +91,15 @@ def check_finite_weights(objects: Mapping[str, object], what: str) -> None:
 
 
 def epoch_checkpoints(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> list[tuple[int, Path]]:
-    """``(epoch, path)`` of every ``<prefix>_epoch=N.pt`` in ``ckpt_dir``, oldest first."""
-    found = []
-    for p in Path(ckpt_dir).glob(f"{prefix}_*.pt"):
-        m = _EPOCH_RE.search(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
+    """``(epoch, path)`` of every ``<prefix>_epoch=N.pt`` in ``ckpt_dir``, oldest first.
+
+    Only that exact name matches: the files of ``checkpoint_ema`` are not those of ``checkpoint``.
+    """
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(rf"{re.escape(prefix)}_epoch=(\d+)\.pt")
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
     return sorted(found)
 
 
@@ -118,12 +122,30 @@ def _unwrap(obj: object) -> object:
     return obj
 
 
+class _SaveThenRemoveDiskSaver(DiskSaver):
+    # ignite removes the old file before saving the new one: removals wait until the new file is in place
+    def __init__(self, dirname: str | os.PathLike) -> None:
+        super().__init__(dirname, atomic=True, require_empty=False)
+        self._pending: list[str] = []
+
+    def remove(self, filename: str) -> None:
+        self._pending.append(filename)
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        super().__call__(checkpoint, filename, metadata)
+        pending, self._pending = self._pending, []
+        if idist.get_rank() == self.save_on_rank:
+            for name in pending:
+                if name != filename:
+                    (self.dirname / name).unlink(missing_ok=True)
+
+
 class _IntervalCheckpoint(Checkpoint):
     # ignite prunes only the files this process saved: the ones an earlier (killed) run left are taken over here
     def __init__(self, to_save: dict, dirname: str, prefix: str, n_saved: int) -> None:
         super().__init__(
             to_save,
-            DiskSaver(dirname, atomic=True, require_empty=False),
+            _SaveThenRemoveDiskSaver(dirname),
             filename_prefix=prefix,
             filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
             n_saved=n_saved,
@@ -140,57 +162,51 @@ class _IntervalCheckpoint(Checkpoint):
 
     def _previous_files(self, epoch: int) -> list[tuple[int, str]]:
         """The newest ``n_saved - 1`` earlier checkpoints; older ones and any of a later epoch (an abandoned run's)
-        are removed, so the folder holds ``n_saved`` files and the latest is always this run's."""
+        are removed once the new one is saved, so the folder holds ``n_saved`` files and the latest is this run's."""
         found = epoch_checkpoints(self.dirname, self.prefix)
         keep = [(e, p) for e, p in found if e < epoch][-(self.n_saved - 1) :] if self.n_saved > 1 else []
-        if idist.get_rank() == 0:
-            for e, p in found:
-                if (e, p) not in keep:
-                    p.unlink(missing_ok=True)
+        for e, p in found:
+            if (e, p) not in keep:
+                self.save_handler.remove(p.name)
         return [(e, p.name) for e, p in keep]
 
 
-class _ReplacingDiskSaver(DiskSaver):
-    # ignite removes the file before saving its replacement; the atomic save replaces it, so no kill leaves none
-    def remove(self, filename: str) -> None:
-        pass
-
-
 class _BestCheckpoint(Checkpoint):
-    # ignite forgets the best score in a new process: kept in <file>.json, so a resume never replaces a better model
+    # ignite forgets the best score in a new process and always keeps the highest: the best is kept in <file>.json
+    # and compared with the engine's metric_cmp_fn here, so a resume never replaces a better model
     def __init__(self, path: Path, to_save: dict) -> None:
-        super().__init__(
-            to_save,
-            _ReplacingDiskSaver(path.parent, atomic=True, require_empty=False),
-            filename_pattern=path.name,
-            score_function=lambda engine: float(engine.state.metrics[engine.state.key_metric_name]),
-            n_saved=1,
-        )
+        super().__init__(to_save, _SaveThenRemoveDiskSaver(path.parent), filename_pattern=path.name)
         self.path, self.sidecar = path, path.with_name(path.name + ".json")
-        self._restored = False
 
     def best(self) -> float | None:
-        """The best score recorded next to the file, or ``None``."""
+        """The best score recorded next to the file, or ``None`` (also for a NaN an earlier version recorded)."""
         try:
-            return float(json.loads(self.sidecar.read_text())["score"])
+            score = float(json.loads(self.sidecar.read_text())["score"])
         except (FileNotFoundError, KeyError, ValueError, TypeError):
             return None
+        return None if math.isnan(score) else score
 
     def __call__(self, engine: Engine) -> None:
+        score = float(engine.state.metrics[engine.state.key_metric_name])
+        if math.isnan(score):
+            _logger.warning(
+                f"not saving {self.path}: {engine.state.key_metric_name} is nan at epoch {engine.state.epoch}"
+            )
+            return
         best = self.best()
-        if not self._restored:
-            self._restored = True
-            self.load_state_dict({"_saved": [(best, self.path.name)] if best is not None else []})
-        score = self.score_function(engine)
-        if best is not None and not score > best:
+        is_better = getattr(engine, "metric_cmp_fn", lambda current, prev: current > prev)  # as MONAI's workflows
+        if best is not None and not is_better(score, best):
             return
         check_finite_weights(self.to_save, f"saving {self.path} (epoch {engine.state.epoch})")
         if best is None:
             _keep_existing(self.path)
+        self.reset()  # the decision is made above: ignite only saves
         super().__call__(engine)
         if idist.get_rank() == 0:
-            record = {"key_metric_name": engine.state.key_metric_name, "score": score, "epoch": engine.state.epoch}
-            write_text_atomic(self.sidecar, json.dumps(record))
+            # inf (e.g. a Hausdorff distance with an empty mask) as the string "inf", so the file stays strict JSON
+            score_text = score if math.isfinite(score) else str(score)
+            record = {"key_metric_name": engine.state.key_metric_name, "score": score_text, "epoch": engine.state.epoch}
+            write_text_atomic(self.sidecar, json.dumps(record, allow_nan=False))
 
 
 def _keep_existing(path: Path) -> None:
@@ -205,7 +221,7 @@ class _FinalCheckpoint(Checkpoint):
     # the weights at the end of training, for a run without validation (nothing else chooses a model); a subclass
     # because ignite's Checkpoint would save non-finite weights and replace a model.pt this run did not write
     def __init__(self, path: Path, to_save: dict) -> None:
-        super().__init__(to_save, DiskSaver(path.parent, atomic=True, require_empty=False), filename_pattern=path.name)
+        super().__init__(to_save, _SaveThenRemoveDiskSaver(path.parent), filename_pattern=path.name)
         self.path = path
 
     def __call__(self, engine: Engine) -> None:
@@ -225,11 +241,18 @@ class AtomicCheckpointSaver:
             models are unwrapped by ignite, so the keys match the bare network.
         interval: save ``<prefix>_epoch=N.pt`` every ``interval`` epochs (0 disables).
         n_saved: how many interval checkpoints to keep; with 2 (the default) a resume can fall back to the previous
-            one when the latest is unreadable.
-        file_prefix: prefix of interval checkpoints.
+            one when the latest is unreadable. Older files are removed only after the new one is saved, so a run
+            killed while saving still leaves one even with ``n_saved=1``.
+        file_prefix: prefix of interval checkpoints; only ``<file_prefix>_epoch=N.pt`` is theirs (the files of
+            ``checkpoint_ema`` are not those of ``checkpoint``).
         save_key_metric: also save the model whenever the engine's key metric beats the best so far, which is
             kept in ``<key_metric_filename>.json`` so that a resumed run does not replace a better model; an
-            existing file without that record is moved to ``<name>.<time>.bak`` first.
+            existing file without that record is moved to ``<name>.<time>.bak`` first. "Beats" is the engine's
+            ``metric_cmp_fn(current, best)`` when it has one, as MONAI's workflows do (e.g.
+            ``lambda current, prev: current < prev`` for a Hausdorff distance), so the file is the model MONAI
+            reports as ``best_metric``; otherwise greater is better. A NaN score is never saved nor recorded (a
+            warning names the epoch), and a NaN recorded by an earlier version counts as no best; inf is compared
+            like any score and recorded as the string ``"inf"``, so the record stays strict JSON.
         key_metric_filename: file name of the best-metric checkpoint.
         final_filename: also save the model under this name when training completes (e.g. ``model.pt`` when no
             validation set chooses one); an existing file is moved to ``<name>.<time>.bak`` first.

@@ -161,3 +161,110 @@ def test_savers_refuse_non_finite_weights(tmp_path: Path) -> None:
     with pytest.raises(FloatingPointError, match="not saving a checkpoint at epoch 1"):
         trainer.run([0], max_epochs=1)
     assert latest_checkpoint(tmp_path) is None
+
+
+class _Killed(Exception):
+    """Stands for a SIGKILL while a checkpoint is being written."""
+
+
+def test_n_saved_1_keeps_the_previous_checkpoint_until_the_new_one_is_in_place(tmp_path: Path, monkeypatch) -> None:
+    from ignite.handlers import DiskSaver
+
+    save = DiskSaver._save_func
+
+    def dying_save(self, checkpoint, path, func) -> None:
+        if Path(path).name == "checkpoint_epoch=3.pt":
+            raise _Killed(path)
+        save(self, checkpoint, path, func)
+
+    def run(max_epochs: int) -> Engine:
+        net = torch.nn.Linear(2, 1)
+        trainer = _counting_trainer(net)
+        ResumeFromLatestCheckpoint(str(tmp_path), {"model": net}, load_engine_as="trainer").attach(trainer)
+        AtomicCheckpointSaver(str(tmp_path), {"model": net}, n_saved=1, save_engine_as="trainer").attach(trainer)
+        trainer.run([0], max_epochs=max_epochs)
+        return trainer
+
+    monkeypatch.setattr(DiskSaver, "_save_func", dying_save)
+    with pytest.raises(_Killed):
+        run(5)  # ignite removes checkpoint 2 while it saves checkpoint 3
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["checkpoint_epoch=2.pt"]
+    with pytest.raises(_Killed):
+        run(5)  # the resumed run's first save takes the folder over
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["checkpoint_epoch=2.pt"]
+    monkeypatch.undo()
+    assert run(5).state.epoch == 5
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["checkpoint_epoch=5.pt"]
+
+
+def test_nan_key_metric_is_never_the_best_and_an_old_nan_record_is_no_best(tmp_path: Path, caplog) -> None:
+    def strict_record() -> dict:
+        return json.loads((tmp_path / "model.pt.json").read_text(), parse_constant=pytest.fail)
+
+    net = torch.nn.Linear(2, 1)
+    scores = [float("nan"), 0.5, 0.9, float("nan")]
+    engine = _evaluator(scores)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: torch.nn.init.constant_(net.weight, e.state.epoch))
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, interval=0, save_key_metric=True).attach(engine)
+    with caplog.at_level(logging.WARNING):
+        engine.run([0], max_epochs=len(scores))
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].flatten()[0].item() == 3.0
+    assert strict_record() == {"key_metric_name": "val_mean_dice", "score": 0.9, "epoch": 3}
+    assert "epoch 1" in caplog.text and "epoch 4" in caplog.text and "nan" in caplog.text
+
+    # a record with NaN, written by an earlier version, counts as no best: the next score is saved (old file kept)
+    (tmp_path / "model.pt.json").write_text('{"key_metric_name": "val_mean_dice", "score": NaN, "epoch": 1}')
+    torch.nn.init.constant_(net.weight, 7.0)
+    _run_best_saver(tmp_path, net, [0.2])
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].flatten()[0].item() == 7.0
+    assert strict_record()["score"] == 0.2 and len(list(tmp_path.glob("model.pt.*.bak"))) == 1
+
+
+def test_file_prefixes_that_extend_each_other_are_separate_series(tmp_path: Path) -> None:
+    net, ema = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    trainer = Engine(lambda e, b: None)
+    AtomicCheckpointSaver(str(tmp_path), {"model": ema}, file_prefix="checkpoint_ema").attach(trainer)
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, file_prefix="checkpoint").attach(trainer)
+    trainer.run([0], max_epochs=3)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
+        "checkpoint_ema_epoch=2.pt",
+        "checkpoint_ema_epoch=3.pt",
+        "checkpoint_epoch=2.pt",
+        "checkpoint_epoch=3.pt",
+    ]
+    torch.save({"model": ema.state_dict()}, tmp_path / "checkpoint_ema_epoch=4.pt")
+    assert latest_checkpoint(tmp_path, "checkpoint") == tmp_path / "checkpoint_epoch=3.pt"
+    assert latest_checkpoint(tmp_path, "checkpoint_ema") == tmp_path / "checkpoint_ema_epoch=4.pt"
+
+
+def test_best_model_follows_the_engines_metric_cmp_fn(tmp_path: Path) -> None:
+    from ignite.metrics import Average
+    from monai.engines import SupervisedEvaluator
+
+    def run(hd95: list[float]) -> SupervisedEvaluator:
+        net = torch.nn.Linear(1, 1)
+        evaluator = SupervisedEvaluator(
+            device=torch.device("cpu"),
+            val_data_loader=[{"image": torch.zeros(1, 1), "label": torch.zeros(1, 1)}],
+            network=net,
+            decollate=False,
+            key_val_metric={"val_hd95": Average(lambda o: torch.tensor(hd95[evaluator.state.epoch - 1]))},
+            metric_cmp_fn=lambda current, prev: current < prev,  # lower is better, e.g. a Hausdorff distance
+            val_handlers=[AtomicCheckpointSaver(str(tmp_path), {"model": net}, interval=0, save_key_metric=True)],
+        )
+        for epoch in range(1, len(hd95) + 1):
+            torch.nn.init.constant_(net.bias, epoch)
+            evaluator.run(global_epoch=epoch)
+        return evaluator
+
+    def saved() -> tuple[float, dict]:
+        record = json.loads((tmp_path / "model.pt.json").read_text(), parse_constant=pytest.fail)
+        return torch.load(tmp_path / "model.pt", weights_only=True)["bias"].item(), record
+
+    evaluator = run([float("inf"), 9.0, 3.0, 5.0])
+    assert evaluator.state.best_metric == 3.0 and evaluator.state.best_metric_epoch == 3
+    assert saved() == (3.0, {"key_metric_name": "val_hd95", "score": 3.0, "epoch": 3})
+    run([4.0])  # a resumed run with a worse (higher) distance keeps the best model
+    assert saved()[0] == 3.0
+    run([2.0])
+    assert saved() == (1.0, {"key_metric_name": "val_hd95", "score": 2.0, "epoch": 1})
