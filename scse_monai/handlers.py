@@ -498,7 +498,8 @@ class TrainingCurvePlotter:
     The mean training loss of each epoch is accumulated on device (no per-iteration ``.item()``). Validation
     metrics are read from ``evaluator.state.metrics`` each time the evaluator completes (numbers only, e.g. the
     key metric and the ``<name>_<class>`` entries of :class:`GlobalDice`). When the trainer resumes from
-    a checkpoint, the rows of earlier epochs are read back from the CSV. Only rank 0 writes.
+    a checkpoint, the rows of earlier epochs are read back from the CSV (at its first epoch, or at a validation
+    before it: ``ValidationHandler(exec_at_start=True)``). Only rank 0 writes.
 
     Files: ``<prefix>.csv`` (``epoch, loss, <metric>...``) and ``<prefix>.png`` (loss left, metrics right).
 
@@ -556,18 +557,23 @@ class TrainingCurvePlotter:
         if self.evaluator is not None:
             self.evaluator.add_event_handler(Events.COMPLETED, self._validated)
 
+    def _restore_earlier_epochs(self, completed: int) -> None:
+        """Once per run: when ``completed`` epochs were done before it (a resumed run), read their rows back."""
+        if self._resumed_checked:
+            return
+        self._resumed_checked = True
+        if completed > 0 and os.path.isfile(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                for row in csv.DictReader(f):
+                    epoch = int(row.pop("epoch"))
+                    if epoch <= completed and epoch not in self.history:
+                        self.history[epoch] = {k: float(v) for k, v in row.items() if v not in ("", None)}
+
     def _epoch_started(self, engine: Engine) -> None:
         self._loss_sum, self._loss_n = None, 0
-        if not self._resumed_checked:
-            # First epoch of this run. Done here, not at STARTED, so that a checkpoint loader attached at STARTED
-            # (in any order) has already restored the epoch: a resumed run keeps the curves of the earlier epochs.
-            self._resumed_checked = True
-            if engine.state.epoch > 1 and os.path.isfile(self.csv_path):
-                with open(self.csv_path, newline="") as f:
-                    for row in csv.DictReader(f):
-                        epoch = int(row.pop("epoch"))
-                        if epoch < engine.state.epoch and epoch not in self.history:
-                            self.history[epoch] = {k: float(v) for k, v in row.items() if v not in ("", None)}
+        # Here (or at a validation before it), not at STARTED, so that a checkpoint loader attached at STARTED
+        # (in any order) has already restored the epoch: a resumed run keeps the curves of the earlier epochs.
+        self._restore_earlier_epochs(engine.state.epoch - 1)
 
     def _iteration(self, engine: Engine) -> None:
         loss = self.loss_transform(engine.state.output)
@@ -585,6 +591,9 @@ class TrainingCurvePlotter:
 
     def _validated(self, evaluator: Engine) -> None:
         epoch = self._trainer.state.epoch if self._trainer is not None else evaluator.state.epoch
+        # a validation before the first epoch (MONAI's ValidationHandler(exec_at_start=True)) saves the CSV: the
+        # earlier epochs' rows are read back first, or that save would drop them
+        self._restore_earlier_epochs(epoch)
         row = self.history.setdefault(epoch, {})
         for k, v in evaluator.state.metrics.items():
             scalar = isinstance(v, (int, float, np.number)) or (isinstance(v, torch.Tensor) and v.numel() == 1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,6 +111,35 @@ def case_name_from_meta(meta: Any, default: str) -> str:
     return base
 
 
+def _unique_names(names: Sequence[str | None]) -> list[str | None]:
+    """``names`` with the second and later uses of a name suffixed ``#2``, ``#3``, ...; warns if any repeats.
+
+    Unnamed cases (``None`` / ``""``) are left as they are.
+    """
+    seen: set[str] = set()
+    unique: list[str | None] = []
+    repeated: dict[str, None] = {}  # in order of first repeat
+    for name in names:
+        new, k = name, 1
+        while new and new in seen:  # also steps over a given name that looks like a suffixed one
+            k += 1
+            new = f"{name}#{k}"
+        if new != name:
+            repeated[name] = None
+        if new:
+            seen.add(new)
+        unique.append(new)
+    if repeated:
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        shown = ", ".join(map(repr, list(repeated)[:5])) + more
+        warnings.warn(
+            f"case names repeat: {shown}; the later cases are named '<name>#2', '<name>#3', ... "
+            "Give the files unique names (e.g. case_00000.nii.gz, not case_00000/imaging.nii.gz) to tell them apart.",
+            stacklevel=2,
+        )
+    return unique
+
+
 class SegmentationCountsMetric(CumulativeIterationMetric):
     """Accumulate per-case, per-class voxel counts on device; derive global and per-case Dice / Jaccard.
 
@@ -125,7 +155,8 @@ class SegmentationCountsMetric(CumulativeIterationMetric):
 
     ``metric(y_pred, y, names=None)`` takes, for each of ``y_pred`` and ``y`` independently,
 
-    - a label map ``(B, 1, *spatial)`` (integer or float class indices), or
+    - a label map ``(B, 1, *spatial)`` (integer or float class indices; float values are rounded down, so
+      ``1.7`` counts as class 1 and ``-0.5`` is out of range), or
     - a one-hot / multi-label mask ``(B, num_classes, *spatial)`` (any dtype, nonzero = inside), or
     - a sequence of per-case ``(1 or C, *spatial)`` tensors (MONAI's decollated batches; the cases may have
       different spatial shapes);
@@ -141,7 +172,8 @@ class SegmentationCountsMetric(CumulativeIterationMetric):
     - ``"case_dice"``, ``"case_jaccard"``: ``(N, K)`` per case, ``NaN`` where the class is absent from both
       the case's prediction and target;
     - ``"counts"``: ``(N, K, 3)`` int64 per-case ``[intersection, prediction, target]``;
-    - ``"case_names"``: ``N`` names (given with the batches, or ``"case_<i>"``).
+    - ``"case_names"``: ``N`` names (given with the batches, or ``"case_<i>"``); a repeated name warns and its
+      second and later uses become ``"<name>#2"``, ``"<name>#3"``, ...
 
     Label maps with values outside ``[0, num_classes)`` are flagged on device (no host sync) and make
     :meth:`results` / :meth:`aggregate` raise ``ValueError``.
@@ -208,7 +240,8 @@ class SegmentationCountsMetric(CumulativeIterationMetric):
                 f"{what} must have 1 channel (label map) or num_classes={self.num_classes} channels (one-hot), "
                 f"got shape {tuple(x.shape)}."
             )
-        return x.flatten(1).long() if x.is_floating_point() else x.flatten(1).to(torch.int64)
+        # floor, not truncation: a float label in (-1, 0) is below the range (-0.5 -> -1, not class 0); 1.7 -> 1
+        return x.flatten(1).floor().long() if x.is_floating_point() else x.flatten(1).to(torch.int64)
 
     def _check_range(self, labels: torch.Tensor) -> None:
         """Remember (on device, no host sync) whether some label is outside ``[0, num_classes)``."""
@@ -332,7 +365,7 @@ class SegmentationCountsMetric(CumulativeIterationMetric):
             "case_dice": case_dice,
             "case_jaccard": case_jaccard,
             "counts": rows,
-            "case_names": [n if n else f"case_{i}" for i, n in enumerate(names)],
+            "case_names": [n if n else f"case_{i}" for i, n in enumerate(_unique_names(names))],
         }
 
     def aggregate(self) -> torch.Tensor:  # type: ignore[override]

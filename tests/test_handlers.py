@@ -238,6 +238,21 @@ def test_batch_case_names_fallbacks():
     assert batch_case_names([plain[0], plain[1]], None, decollated) == ["y", None]
 
 
+def test_per_case_rows_of_cases_with_the_same_file_name_differ(tmp_path):
+    # KiTS layout: case_00000/imaging.nii.gz, case_00001/imaging.nii.gz, ... are all named "imaging"
+    engine = Engine(lambda e, b: b)
+    GlobalDice(C).attach(engine, "dice")
+    saver = PerCaseMetricsSaver(tmp_path, class_names=CLASS_NAMES, output_transform=lambda o: o)
+    saver.attach(engine)
+    items = _cases(3)
+    for i, it in enumerate(items):
+        it["label"].meta["filename_or_obj"] = f"/data/kits19/case_{i:05d}/imaging.nii.gz"
+    with pytest.warns(UserWarning, match="'imaging'"):
+        engine.run([([it["label"].clone()], [it["label"]]) for it in items])
+    rows = _read_csv(tmp_path / "metrics_per_case.csv")
+    assert [r["case"] for r in rows] == ["imaging", "imaging#2", "imaging#3"]
+
+
 def test_saver_and_metric_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="class_names has 2 entries; expected 3"):
         PerCaseMetricsSaver(tmp_path, class_names=["a", "b"], num_classes=4)
@@ -303,6 +318,34 @@ def test_training_curve_plotter_records_and_resumes(tmp_path):
     assert [int(r["epoch"]) for r in rows2] == [1, 2, 3, 4]
     assert rows2[:2] == rows[:2]
     assert float(rows2[2]["loss"]) != pytest.approx(float(rows[2]["loss"]))
+
+
+def test_training_curve_plotter_resumes_with_validation_at_start(tmp_path):
+    # MONAI's ValidationHandler(exec_at_start=True) validates at STARTED, after the checkpoint loader and before the
+    # first EPOCH_STARTED: the rows of the earlier epochs must be read back before that validation saves the CSV
+    def run(max_epochs: int, restored_epoch: int, every_n_epochs: int = 1) -> list[dict]:
+        trainer = Engine(lambda e, b: {"loss": torch.tensor(float(e.state.epoch))})
+        evaluator = Engine(lambda e, b: b)
+        evaluator.add_event_handler(
+            Events.COMPLETED, lambda e: e.state.metrics.update(val_dice=0.1 * trainer.state.epoch)
+        )
+        trainer.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "epoch", restored_epoch))  # the loader
+        trainer.add_event_handler(Events.STARTED, lambda _: evaluator.run([0]))  # exec_at_start
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: evaluator.run([0]))
+        TrainingCurvePlotter(tmp_path, evaluator=evaluator, every_n_epochs=every_n_epochs).attach(trainer)
+        trainer.run([0, 1], max_epochs=max_epochs)
+        return _read_csv(tmp_path / "training_curves.csv")
+
+    def table(rows: list[dict]) -> list[tuple]:
+        return [(int(r["epoch"]), r["loss"], float(r["val_dice"])) for r in rows]
+
+    first = run(3, restored_epoch=0)
+    assert table(first) == [(0, "", 0.0), (1, "1", 0.1), (2, "2", pytest.approx(0.2)), (3, "3", pytest.approx(0.3))]
+    resumed = run(5, restored_epoch=3)
+    assert table(resumed) == table(first) + [(4, "4", pytest.approx(0.4)), (5, "5", 0.5)]
+    # a fresh run (nothing completed) does not take the old CSV's rows of later epochs
+    fresh = run(2, restored_epoch=0, every_n_epochs=0)
+    assert [int(r["epoch"]) for r in fresh] == [0, 1, 2]
 
 
 # --------------------------------------------------------------------------------------------- distributed

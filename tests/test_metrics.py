@@ -232,6 +232,40 @@ def test_out_of_range_label_maps_are_counted_in_any_slice(monkeypatch, pred_valu
         np.testing.assert_array_equal(m.results()["counts"][1, :, 2].numpy(), [11, 1])  # target sizes of 1 and 2
 
 
+@pytest.mark.parametrize(
+    "value, flagged", [(-0.5, True), (-1e-6, True), (-1.0, True), (0.5, False), (2.9, False), (3.0, True)]
+)
+@pytest.mark.parametrize("pred_one_hot", [False, True])
+def test_float_label_maps_are_floored(value, flagged, pred_one_hot):
+    # a value in (-1, 0) is below the range; a non-integer value in range counts as the class below it (2.9 -> 2)
+    p = torch.tensor([[[0, 1, 2, 2]]])
+    y = torch.tensor([[[0.0, 1.0, 2.0, value]]])
+    m = SegmentationCountsMetric(3, include_background=True)
+    m(one_hot(p, 3) if pred_one_hot else p, y)
+    if flagged:
+        with pytest.raises(ValueError, match=r"1 label map\(s\) .* outside \[0, 3\)"):
+            m.results()
+    else:
+        expected = [1, 1, 1]
+        expected[math.floor(value)] += 1
+        np.testing.assert_array_equal(m.results()["counts"][0, :, 2].numpy(), expected)  # target sizes
+
+
+def test_repeated_case_names_are_made_unique_with_one_warning():
+    # e.g. a KiTS layout, case_00000/imaging.nii.gz, case_00001/imaging.nii.gz: every case is named "imaging"
+    p, y = _labels(1, shape=(6, 1, 4, 4, 2))
+    m = SegmentationCountsMetric(C)
+    m(p, y, names=["imaging", "imaging", None, "a", "imaging", "a#2"])
+    with pytest.warns(UserWarning, match=r"'imaging'.*unique") as record:
+        names = m.results()["case_names"]
+    assert names == ["imaging", "imaging#2", "case_2", "a", "imaging#3", "a#2"]
+    assert len([w for w in record if "unique" in str(w.message)]) == 1
+    m = SegmentationCountsMetric(C)
+    m(p[:3], y[:3], names=["a", "a", "a#2"])
+    with pytest.warns(UserWarning, match="'a'"):
+        assert m.results()["case_names"] == ["a", "a#2", "a#2#2"]
+
+
 def test_case_name_from_meta():
     assert case_name_from_meta({"filename_or_obj": "/d/imagesTs/p07_t2.nii.gz"}, "x") == "p07_t2"
     assert case_name_from_meta({"filename_or_obj": ["/d/P3/"]}, "x") == "P3"
