@@ -27,7 +27,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Flip, GaussianSmooth, MapTransform, Randomizable
+from monai.transforms import GaussianSmooth, MapTransform, Randomizable
 
 from scse_monai.errors import InputError
 
@@ -39,15 +39,19 @@ __all__ = [
 
 
 class RandFlipLeftRightd(Randomizable, MapTransform):
-    """Random left-right flip that swaps paired left/right label values.
+    """Random left-right mirror of a patient that swaps paired left/right labels.
 
     Anatomy is not left-right symmetric (a flipped abdomen has its liver on the left), so Roy et al. train
-    without flips and the default ``prob`` is 0. If flips are used, this keeps the labels truthful: the flipped
-    right kidney lies on the other side and becomes a left kidney.
+    without flips and the default ``prob`` is 0. If flips are used, this keeps the labels truthful: the mirrored
+    right kidney lies on the left and becomes a left kidney. The arrays are flipped and their affine (and MONAI's
+    record of applied transforms) kept: the sample is a mirrored patient, consistent in world space too (MONAI's
+    ``Flip`` would update the affine, putting the swapped left kidney back on the patient's right). So it is a
+    training augmentation only: ``Invertd`` does not undo it, and it must not be used at test time.
 
     Args:
         keys: keys to flip (image and labels).
-        label_keys: keys whose values are swapped (subset of ``keys``).
+        label_keys: keys whose labels are swapped; each must be in ``keys``. A label map (one channel) has the
+            values of each pair exchanged; a one-hot label (several channels) has the pair's channels exchanged.
         swap_pairs: label value pairs to exchange; CHAOS: ``((2, 3),)`` (right kidney, left kidney).
         prob: flip probability.
         spatial_axis: the left-right spatial axis (0 after ``Orientationd("RAS")``, also for 2D slices).
@@ -70,9 +74,13 @@ class RandFlipLeftRightd(Randomizable, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.label_keys = {label_keys} if isinstance(label_keys, str) else set(label_keys)
+        if not self.label_keys <= set(self.keys):
+            # a label left out of keys would stay unflipped under its flipped image
+            missing = sorted(self.label_keys - set(self.keys))
+            raise ValueError(f"label_keys {missing} are not in keys {list(self.keys)}.")
         self.swap_pairs = [tuple(int(v) for v in p) for p in swap_pairs]
         self.prob = float(prob)
-        self.flip = Flip(spatial_axis=spatial_axis)
+        self.spatial_axis = spatial_axis
         self._do = False
 
     def randomize(self, data=None) -> None:
@@ -81,8 +89,11 @@ class RandFlipLeftRightd(Randomizable, MapTransform):
     def _swap(self, label: torch.Tensor) -> torch.Tensor:
         out = label.clone()
         for a, b in self.swap_pairs:
-            out[label == a] = b
-            out[label == b] = a
+            if label.shape[0] > 1:  # one-hot: the pair's channels change places
+                out[[a, b]] = label[[b, a]]
+            else:
+                out[label == a] = b
+                out[label == b] = a
         return out
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
@@ -91,7 +102,7 @@ class RandFlipLeftRightd(Randomizable, MapTransform):
         if not self._do:
             return d
         for key in self.key_iterator(d):
-            d[key] = self.flip(d[key])
+            d[key] = torch.flip(torch.as_tensor(d[key]), dims=[self.spatial_axis + 1])  # keeps a MetaTensor's meta
             if key in self.label_keys:
                 d[key] = self._swap(d[key])
         return d

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ScaleIntensityRangePercentilesd
 
 from scse_monai.data import prepare_chaos, synthesize
@@ -24,6 +25,24 @@ def test_flip_swaps_left_right_labels():
     np.testing.assert_array_equal(np.asarray(out["label"]), expected)
     same = RandFlipLeftRightd(["image", "label"], prob=0.0)({"image": image, "label": label})
     assert torch.equal(torch.as_tensor(same["label"]), label)
+
+
+def test_flip_mirrors_the_patient_in_world_space_too():
+    # the affine is kept: after the swap, the kidney labelled left lies at the patient's left in world coordinates
+    # too (MONAI's Flip would update the affine and put it back on the right); nothing for Invertd to undo
+    affine = torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0], dtype=torch.float64))
+    label = MetaTensor(torch.tensor([2.0, 0.0, 1.0]).reshape(1, 3, 1, 1), affine=affine)
+    out = RandFlipLeftRightd(["label"], prob=1.0)({"label": label})["label"]
+    assert out.flatten().tolist() == [1.0, 0.0, 3.0]
+    assert torch.equal(out.affine, affine) and len(out.applied_operations) == 0
+
+
+def test_flip_swaps_one_hot_channels_and_refuses_label_keys_it_would_not_flip():
+    one_hot = torch.nn.functional.one_hot(torch.tensor([2, 0, 1]), 5).T.reshape(5, 3, 1).float()
+    out = RandFlipLeftRightd(["label"], prob=1.0)({"label": one_hot})["label"]
+    assert out.argmax(0).flatten().tolist() == [1, 0, 3]
+    with pytest.raises(ValueError, match=r"label_keys \['label'\] are not in keys \['image', 'seg'\]"):
+        RandFlipLeftRightd(["image", "seg"], prob=1.0)  # "seg" would be flipped without its labels swapped
 
 
 def test_label_intensity_scales_each_organ_by_its_own_factor():
