@@ -15,10 +15,12 @@ Dice term; the papers weight only the cross-entropy, which is the default here (
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
@@ -63,7 +65,7 @@ def median_frequency_weights(class_counts: Mapping[Any, int] | Sequence[int] | t
         counts = list(counts)
     values = []
     for c, v in enumerate(counts):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not float(v).is_integer():
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or v < 0 or not float(v).is_integer():
             raise ValueError(f"class_counts[{c}] must be a non-negative integer voxel count, got {v!r}.")
         values.append(int(v))
     total = sum(values)
@@ -121,7 +123,9 @@ class WeightedDiceCELoss(DiceCELoss):
     Args:
         datalist: ``datalist.json`` path (or its loaded content) whose ``"class_voxel_counts"`` give the
             weights via :func:`weights_from_datalist`.
-        class_weights: explicit per-class weights instead (one per output channel, background included).
+        class_weights: explicit per-class weights instead (one per output channel, background included; > 0,
+            as a batch of only zero-weight classes would have a NaN cross-entropy). A count of weights other
+            than the input's channels is a ``ValueError`` at the first call.
         weight_dice: also weight the Dice term (MONAI's ``DiceCELoss(weight=...)`` behaviour). Default False:
             only the cross-entropy is weighted, as in the SE papers.
         weight_power: raise the weights to this power. 1 is median frequency balancing as in the papers;
@@ -164,6 +168,12 @@ class WeightedDiceCELoss(DiceCELoss):
             weight = torch.as_tensor(weights, dtype=torch.float32).flatten()
             if weight.numel() == 0 or not all(math.isfinite(w) and w >= 0 for w in weight.tolist()):
                 raise ValueError(f"class weights must be finite and >= 0, got {weight.tolist()}.")
+            if class_weights is not None and not bool((weight > 0).all()):
+                # a batch whose targets are all of zero-weight classes has a weighted cross-entropy of 0 / 0 = NaN
+                raise ValueError(
+                    f"class_weights must be > 0, got {weight.tolist()}: a batch of only zero-weight classes "
+                    "(e.g. a background-only crop) would have a NaN cross-entropy."
+                )
             weight = weight**weight_power
         super().__init__(weight=weight, **dice_ce_kwargs)
         self.weight_dice = weight_dice
@@ -178,6 +188,11 @@ class WeightedDiceCELoss(DiceCELoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         w = self.cross_entropy.weight
+        if w is not None and w.numel() != input.shape[1]:
+            raise ValueError(
+                f"WeightedDiceCELoss has {w.numel()} class weights for an input of {input.shape[1]} channels: give one "
+                "weight per output channel, background included (for datalist=, its class_voxel_counts' classes)."
+            )
         if w is not None and w.device != input.device:
             self.to(input.device)
         return super().forward(input, target)

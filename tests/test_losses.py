@@ -103,6 +103,29 @@ def test_loss_argument_errors(tmp_path):
         WeightedDiceCELoss(datalist=tmp_path / "nope.json")
 
 
+def test_zero_or_miscounted_class_weights_are_refused():
+    # a background-only batch with background weight 0 had a NaN loss (weighted mean 0 / 0)
+    with pytest.raises(ValueError, match=r"class_weights must be > 0, got \[0.0, 1.0, 1.0\]"):
+        WeightedDiceCELoss(class_weights=[0.0, 1.0, 1.0], to_onehot_y=True, softmax=True)
+    # absent classes of a datalist keep weight 0 (they never occur as a target) and the loss stays finite
+    loss = WeightedDiceCELoss(datalist={"class_voxel_counts": [900, 0, 100]}, to_onehot_y=True, softmax=True)
+    assert loss.class_weights[1] == 0.0
+    assert torch.isfinite(loss(torch.randn(1, 3, 4, 4), torch.zeros(1, 1, 4, 4)))
+    two = WeightedDiceCELoss(class_weights=[0.5, 1.0], to_onehot_y=True, softmax=True)
+    with pytest.raises(ValueError, match="2 class weights for an input of 3 channels"):
+        two(torch.randn(1, 3, 4, 4), torch.zeros(1, 1, 4, 4))
+
+
+def test_numpy_integer_counts_are_counts():
+    import numpy as np
+
+    expected = median_frequency_weights([900, 60, 40])
+    assert median_frequency_weights(np.bincount(np.repeat([0, 1, 2], [900, 60, 40]))) == pytest.approx(expected)
+    assert median_frequency_weights({0: np.int64(900), 1: np.int64(60), 2: np.int64(40)}) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        median_frequency_weights([np.float64(2.5), 1])
+
+
 def test_loss_from_bundle_config(tmp_path):
     from monai.bundle import ConfigParser
 
