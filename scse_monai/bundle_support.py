@@ -5,9 +5,10 @@ name the missing file, opt-in synthetic data, fold selection) lives here.
 
 Datalists: a folder prepared by ``python -m scse_monai.data prepare`` (``datalist.json`` with ``patient``,
 ``fold`` and ``class_voxel_counts``) or a plain MONAI / Medical Segmentation Decathlon task folder
-(``dataset.json`` whose ``training`` list holds ``{"image", "label"}`` pairs). For the latter the folds are a
-seeded split by patient (the case name stands for the patient), and :func:`class_voxel_counts` counts the
-label voxels when a loss asks for them.
+(``dataset.json`` whose ``training`` list holds ``{"image", "label"}`` pairs, with or without ``fold``). Items
+keep their own folds when every one has a ``fold``; when none has, the folds are a seeded split by patient. An
+item without ``patient`` is its own patient (its case name). :func:`class_voxel_counts` counts the label voxels
+of the training cases when a loss asks for them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "inference_data",
     "partition",
     "resolve_datalist",
+    "training_datalist",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def resolve_datalist(dataset_dir: str, synthetic_if_missing: bool = False) -> st
             with ``dataset.json``, or a datalist JSON file itself.
         synthetic_if_missing: only when asked (``configs/datasets/synthetic.json`` sets it): if ``dataset_dir`` is
             empty or absent, synthesize and prepare a small CHAOS-MR phantom set into it (offline). A non-empty
-            folder without a datalist is never written to.
+            folder without a datalist (a hidden file such as ``.DS_Store`` counts) is never written to.
 
     Raises:
         FileNotFoundError: no datalist (one line naming the folder and what to pass); under
@@ -79,14 +81,18 @@ def resolve_datalist(dataset_dir: str, synthetic_if_missing: bool = False) -> st
     if not synthetic_if_missing:
         state = "does not exist" if not root.exists() else "has no datalist.json or dataset.json"
         _fail(f"dataset_dir {root} {state}; {hint}")
-    if root.is_dir() and any(p.name != ".lock" and not p.name.startswith(".") for p in root.iterdir()):
+    held = sorted(p.name for p in root.iterdir())[:3] if root.is_dir() else ["it is a file"]
+    if root.exists() and held:  # hidden files (.DS_Store) too: ensure_synthetic_dataset never writes beside them
         _fail(
-            f"dataset_dir {root} holds files but no datalist.json; refusing to write synthetic data into it. "
-            "Give an empty folder, or a folder prepared by `python -m scse_monai.data prepare`."
+            f"dataset_dir {root} is not empty ({', '.join(held)}) and has no datalist.json; refusing to write "
+            "synthetic data into it. Give an empty folder, or a folder prepared by `python -m scse_monai.data prepare`."
         )
     from scse_monai.data import ensure_synthetic_dataset
 
-    return str(ensure_synthetic_dataset(root))
+    try:
+        return str(ensure_synthetic_dataset(root))
+    except FileExistsError as e:  # another process put files there meanwhile
+        _fail(str(e), FileExistsError)
 
 
 def _load(datalist_file: str, absolute: bool = False) -> dict:
@@ -99,18 +105,38 @@ def _load(datalist_file: str, absolute: bool = False) -> dict:
         _fail(str(e), type(e))
 
 
+def _val_folds(val_folds: Sequence[int]) -> set[int]:
+    """The held-out folds; one line naming ``val_folds`` when it is not a list of fold numbers."""
+    if isinstance(val_folds, (list, tuple)) and all(isinstance(f, int) and not isinstance(f, bool) for f in val_folds):
+        return set(val_folds)
+    _fail(
+        f"val_folds must be a list of fold numbers such as [0] ([] trains on every patient), got {val_folds!r}; "
+        'on the command line: --val_folds "[0]"',
+        InputError,
+    )
+
+
 def _with_folds(entries: list[dict], datalist_file: str, folds: int, seed: int) -> list[dict]:
-    """``entries`` as they are when every one has a ``fold``; else a seeded patient-level split into folds."""
-    if entries and all("fold" in e for e in entries):
-        return entries
+    """``entries``, each with a ``patient`` (its case name when it has none), keeping their folds when every one
+    has a ``fold``; when none has, a seeded patient-level split into ``folds`` folds; only some: an error."""
     from scse_monai.data.datalist import assign_folds, case_name
 
-    patient = [str(e.get("patient") or case_name(e["image"])) for e in entries]
+    patient = [str(e["patient"]) if e.get("patient") is not None else case_name(e.get("image", "")) for e in entries]
+    entries = [{**e, "patient": p} for e, p in zip(entries, patient, strict=True)]
+    missing = sum("fold" not in e for e in entries)
+    if entries and not missing:
+        return entries
+    if missing < len(entries):
+        _fail(
+            f"datalist {datalist_file}: {missing} of {len(entries)} training items have no 'fold'; give every item "
+            "a fold, or none for a seeded split by patient",
+            InputError,
+        )
     n = len(set(patient))
     k = max(1, min(int(folds), n))
     fold_of = assign_folds(patient, k, seed) if n else {}
     logger.info(f"datalist {datalist_file} has no folds: {n} patients split into {k} folds by patient (seed {seed})")
-    return [{**e, "patient": p, "fold": fold_of[p]} for e, p in zip(entries, patient, strict=True)]
+    return [{**e, "fold": fold_of[e["patient"]]} for e in entries]
 
 
 def partition(
@@ -121,9 +147,11 @@ def partition(
     Args:
         datalist_file: ``datalist.json`` written by ``scse_monai.data prepare``, or a decathlon ``dataset.json``.
         part: ``"train"`` (folds not in ``val_folds``), ``"val"`` (folds in ``val_folds``) or ``"all"``.
-        val_folds: folds held out for validation; none (``[]``) trains on every patient, and ``"val"`` is empty.
-        folds: only for a datalist without ``fold`` keys: the number of folds of the seeded patient-level split
-            (at most the number of patients; the case name stands for the patient when there is no ``patient``).
+        val_folds: a list of the folds held out for validation; none (``[]``) trains on every patient, and
+            ``"val"`` is empty. A bare number (``--val_folds 0``) is refused: write ``--val_folds "[0]"``.
+        folds: only for a datalist whose items have no ``fold`` keys: the number of folds of the seeded
+            patient-level split (at most the number of patients). The items' own folds are used when every item
+            has one (MONAI's fold datalists); an item without ``patient`` is its own patient (its case name).
         seed: only for a datalist without ``fold`` keys: the split's seed.
 
     Returns:
@@ -132,7 +160,8 @@ def partition(
     Raises:
         ValueError: unknown ``part``.
         InputError: (a ``ValueError``) the requested part is empty (e.g. only one fold) although ``val_folds`` names
-            folds, or a patient appears in several folds; under ``python -m monai.bundle``, one line and exit 1.
+            folds, ``val_folds`` is not a list of fold numbers, only some items have a ``fold``, or a patient
+            appears in several folds; under ``python -m monai.bundle``, one line and exit 1.
 
     Example::
 
@@ -140,25 +169,25 @@ def partition(
     """
     if part not in ("train", "val", "all"):
         raise ValueError(f"part must be 'train', 'val' or 'all', got {part!r}")
+    held_out = _val_folds(val_folds)
     meta = _load(datalist_file, absolute=True)
-    held_out = {int(f) for f in val_folds}
     entries = _with_folds(list(meta.get("training", [])), datalist_file, folds, seed)
     # a patient split across folds would leak slices of one patient into both sides
     folds_of: dict[str, set[int]] = {}
     for entry in entries:
-        folds_of.setdefault(str(entry.get("patient")), set()).add(int(entry.get("fold", 0)))
+        folds_of.setdefault(entry["patient"], set()).add(int(entry["fold"]))
     leaked = sorted(p for p, f in folds_of.items() if len(f) > 1)
     if leaked:
         _fail(f"datalist {datalist_file}: patients {leaked} appear in several folds", InputError)
     items = []
     for entry in entries:
-        is_val = int(entry.get("fold", 0)) in held_out
+        is_val = int(entry["fold"]) in held_out
         if part == "all" or (part == "val") == is_val:
             items.append(dict(entry))
     if not items and not (part == "val" and not held_out):  # no val_folds: train on every patient
         _fail(
             f"datalist {datalist_file}: no cases for part={part!r} with val_folds={sorted(held_out)} "
-            f"(folds present: {sorted({int(e.get('fold', 0)) for e in entries})})",
+            f"(folds present: {sorted({int(e['fold']) for e in entries})})",
             InputError,
         )
     return items
@@ -177,43 +206,66 @@ def class_names(datalist_file: str, include_background: bool = False) -> list[st
     return names if include_background else names[1:]
 
 
-def class_voxel_counts(datalist_file: str, num_classes: int | None = None) -> dict[str, int]:
-    """Voxel count of each class over the datalist's training labels: ``class_voxel_counts`` when it is there,
-    else counted now from the label files (a plain decathlon ``dataset.json``).
+def class_voxel_counts(
+    datalist_file: str, num_classes: int | None = None, val_folds: Sequence[int] | None = None
+) -> dict[str, int]:
+    """Voxel count of each class over the datalist's training labels.
 
     Args:
         datalist_file: the datalist.
         num_classes: classes to count; default: the size of the datalist's ``labels`` map, else the largest
             label value found plus one.
+        val_folds: count only the cases a run with these ``val_folds`` trains on (:func:`partition`'s
+            ``"train"``), so the held-out patients' labels do not set the loss weights. ``None``: every case.
 
     Returns:
-        ``{"0": count, "1": count, ...}``.
+        ``{"0": count, "1": count, ...}``: the datalist's own ``class_voxel_counts`` when they cover the cases
+        asked for (``val_folds`` is ``None`` or ``[]``), else counted now from the label files.
 
     Example::
 
-        >>> class_voxel_counts("Task09_Spleen/dataset.json")  # doctest: +SKIP
-        {'0': 97652433, '1': 310254}
+        >>> class_voxel_counts("Task09_Spleen/dataset.json", val_folds=[0])  # doctest: +SKIP
+        {'0': 78121946, '1': 248203}
     """
+    held_out = None if val_folds is None else _val_folds(val_folds)
     meta = _load(datalist_file, absolute=True)
-    if meta.get("class_voxel_counts"):
+    if meta.get("class_voxel_counts") and not held_out:
         return {str(k): int(v) for k, v in meta["class_voxel_counts"].items()}
+    entries = meta.get("training", []) if held_out is None else partition(datalist_file, "train", list(held_out))
+    labels = [e["label"] for e in entries if "label" in e]
+    total = _count_labels(labels, num_classes or len(meta.get("labels", {})))[: num_classes or None]
+    logger.info(f"datalist {datalist_file}: counted {len(total)} classes in the labels of {len(labels)} cases")
+    return {str(k): int(v) for k, v in enumerate(total)}
+
+
+def _count_labels(labels: Sequence[str], min_classes: int) -> list[int]:
+    """Summed voxel count of each class in the label files: ``min_classes`` values, or more if a label has more."""
     import nibabel as nib
     import numpy as np
 
-    n = num_classes or len(meta.get("labels", {})) or 0
-    total = np.zeros(max(n, 1), dtype=np.int64)
-    for entry in meta.get("training", []):
-        if "label" not in entry:
-            continue
-        label = np.asarray(nib.load(entry["label"]).dataobj).astype(np.int64).ravel()
-        counts = np.bincount(label, minlength=len(total))
-        if len(counts) > len(total):
-            total = np.pad(total, (0, len(counts) - len(total)))
-        total += counts
-    if num_classes:
-        total = total[:num_classes]
-    logger.info(f"datalist {datalist_file} has no class_voxel_counts: counted {len(total)} classes from its labels")
-    return {str(k): int(v) for k, v in enumerate(total)}
+    total = np.zeros(max(min_classes, 1), dtype=np.int64)
+    for label in labels:
+        counts = np.bincount(np.asarray(nib.load(label).dataobj).astype(np.int64).ravel(), minlength=len(total))
+        total = np.pad(total, (0, len(counts) - len(total))) + counts
+    return total.tolist()
+
+
+def training_datalist(datalist_file: str, val_folds: Sequence[int], num_classes: int | None = None) -> dict:
+    """The datalist's content for a run with ``val_folds``: its ``training`` items are the cases the run trains on
+    (:func:`partition`'s ``"train"``), its ``class_voxel_counts`` theirs only (:func:`class_voxel_counts`).
+
+    Give it to ``WeightedDiceCELoss(datalist=...)`` so that the held-out patients' labels do not set the weights.
+
+    Example::
+
+        >>> training_datalist("prepared/datalist.json", val_folds=[0])["class_voxel_counts"]  # doctest: +SKIP
+        {'0': 4028295, '1': 330079, '2': 33354, '3': 33287, '4': 31433}
+    """
+    return {
+        **_load(datalist_file, absolute=True),
+        "training": partition(datalist_file, "train", val_folds),
+        "class_voxel_counts": class_voxel_counts(datalist_file, num_classes, val_folds),
+    }
 
 
 def check_inference_input(dataset_dir: str, ckpt_path: str | None = None) -> None:

@@ -10,8 +10,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from monai.bundle import ConfigParser
 
-from scse_monai.bundle_support import class_names, class_voxel_counts, partition, resolve_datalist
+from scse_monai.bundle_support import (
+    class_names,
+    class_voxel_counts,
+    partition,
+    resolve_datalist,
+    training_datalist,
+)
 from scse_monai.losses import weights_from_datalist
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
@@ -99,3 +106,101 @@ def test_training_without_dataset_dir_fails_in_one_line_and_writes_nothing(tmp_p
     assert last.startswith("error: dataset_dir ") and "nowhere does not exist" in last and "--dataset_dir" in last
     assert sorted(p.name for p in bundle.iterdir()) == ["configs"]  # no data/, models/ or eval/ written
     assert not (tmp_path / "nowhere").exists()
+
+
+def set_folds(datalist: Path, folds: list[int | None]) -> None:
+    """Give the datalist's items these ``fold`` keys (``None``: no key), as MONAI's fold datalists have them."""
+    doc = json.loads(datalist.read_text())
+    for item, fold in zip(doc["training"], folds, strict=True):
+        item.pop("fold", None)
+        if fold is not None:
+            item["fold"] = fold
+    datalist.write_text(json.dumps(doc))
+
+
+def test_a_fold_datalist_without_patients_keeps_its_folds_and_each_case_is_its_own_patient(tmp_path: Path) -> None:
+    datalist = write_decathlon(tmp_path / "toy", cases=4)
+    set_folds(datalist, [0, 1, 0, 1])
+    val = partition(str(datalist), "val", [0])
+    assert [i["patient"] for i in val] == ["case_00", "case_02"] and all(i["fold"] == 0 for i in val)
+    assert [i["patient"] for i in partition(str(datalist), "train", [0])] == ["case_01", "case_03"]
+
+
+def test_a_datalist_where_only_some_items_have_a_fold_is_refused(tmp_path: Path) -> None:
+    datalist = write_decathlon(tmp_path / "toy", cases=5)
+    set_folds(datalist, [0, 0, 1, 1, None])
+    with pytest.raises(ValueError, match=r"toy/dataset.json: 1 of 5 training items have no 'fold'"):
+        partition(str(datalist), "val", [0])
+
+
+def test_the_loss_weights_count_only_the_training_cases(tmp_path: Path) -> None:
+    from scse_monai.bundle_support import training_datalist
+    from scse_monai.losses import WeightedDiceCELoss, median_frequency_weights
+
+    datalist = write_decathlon(tmp_path / "toy", cases=4)
+    set_folds(datalist, [0, 1, 1, 1])
+    nib.save(nib.Nifti1Image(np.full((12, 10, 3), 2, np.uint8), np.eye(4)), tmp_path / "toy/labelsTr/case_00.nii.gz")
+    train = np.zeros(3, dtype=np.int64)
+    for item in partition(str(datalist), "train", [0]):
+        train += np.bincount(np.asarray(nib.load(item["label"]).dataobj).ravel(), minlength=3)
+    counts = class_voxel_counts(str(datalist), val_folds=[0])
+    assert counts == {str(k): int(v) for k, v in enumerate(train)} != class_voxel_counts(str(datalist))
+    doc = training_datalist(str(datalist), [0])  # what a recipe gives WeightedDiceCELoss(datalist=...)
+    assert [Path(i["image"]).name for i in doc["training"]] == ["case_01.nii.gz", "case_02.nii.gz", "case_03.nii.gz"]
+    weights = WeightedDiceCELoss(datalist=doc, to_onehot_y=True, softmax=True).class_weights
+    assert weights == pytest.approx(median_frequency_weights(train.tolist()))
+    assert weights != pytest.approx(weights_from_datalist(str(datalist)))  # all cases, the held-out one too
+    # a prepared datalist's all-cases counts are not used when folds are held out; with none held out they are
+    doc = json.loads(datalist.read_text())
+    doc["class_voxel_counts"] = {"0": 10, "1": 5, "2": 5}
+    datalist.write_text(json.dumps(doc))
+    assert class_voxel_counts(str(datalist), val_folds=[0]) == counts
+    assert class_voxel_counts(str(datalist), val_folds=[]) == {"0": 10, "1": 5, "2": 5}
+
+
+def test_val_folds_that_is_not_a_list_is_one_line_naming_it(tmp_path: Path, monkeypatch) -> None:
+    datalist = write_decathlon(tmp_path / "toy", cases=3)
+    with pytest.raises(ValueError, match=r'val_folds must be .* got 0; on the command line: --val_folds "\[0\]"'):
+        partition(str(datalist), "train", 0)
+    monkeypatch.setattr("scse_monai.bundle_support.under_bundle_cli", lambda: True)
+    with pytest.raises(SystemExit, match="^error: val_folds must be a list"):
+        class_voxel_counts(str(datalist), val_folds=0)
+
+
+def test_synthetic_data_is_not_written_beside_a_hidden_file(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "hiddenonly"
+    folder.mkdir()
+    (folder / ".DS_Store").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"hiddenonly is not empty \(\.DS_Store\) and has no datalist.json"):
+        resolve_datalist(str(folder), synthetic_if_missing=True)
+    monkeypatch.setattr("scse_monai.bundle_support.under_bundle_cli", lambda: True)
+    with pytest.raises(SystemExit, match="^error: dataset_dir .*hiddenonly is not empty"):
+        resolve_datalist(str(folder), synthetic_if_missing=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hiddenonly"]  # no .hiddenonly.lock left beside it
+    assert [p.name for p in folder.iterdir()] == [".DS_Store"]
+
+
+@pytest.mark.parametrize("recipe", ["paper", "report"])
+def test_recipe_loss_weights_leave_out_the_validation_folds(tmp_path: Path, recipe: str) -> None:
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    training = []
+    for i in range(4):
+        label = np.full((8, 8, 2), 4 if i == 0 else 0, np.uint8)  # the held-out case is all "spleen"
+        label[:2, :2, :] = (1, 2)
+        label[2:3, :3, 0] = 3
+        nib.save(nib.Nifti1Image(label.astype(np.float32), np.eye(4)), tmp_path / f"imagesTr/c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / f"labelsTr/c{i}.nii.gz")
+        training.append({"image": f"imagesTr/c{i}.nii.gz", "label": f"labelsTr/c{i}.nii.gz", "fold": min(i, 1)})
+    labels = {"0": "background", "1": "liver", "2": "right kidney", "3": "left kidney", "4": "spleen"}
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels, "training": training}))
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "recipes" / f"{recipe}.json")])
+    parser["dataset_dir"] = str(tmp_path)
+    loss = parser.get_parsed_content("loss")
+    power = parser["loss#weight_power"]
+    datalist = str(tmp_path / "dataset.json")
+    assert len(partition(datalist, "val", [0])) == 1
+    want = [w**power for w in weights_from_datalist(training_datalist(datalist, [0]))]
+    assert want[4] == 0 and want != [w**power for w in weights_from_datalist(datalist)]
+    assert loss.class_weights == pytest.approx(want)
