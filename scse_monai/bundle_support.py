@@ -24,6 +24,8 @@ __all__ = [
     "DATALIST_NAMES",
     "check_inference_input",
     "class_names",
+    "check_outputs",
+    "check_volumes",
     "class_voxel_counts",
     "inference_data",
     "partition",
@@ -291,6 +293,59 @@ def check_inference_input(dataset_dir: str, ckpt_path: str | None = None) -> Non
         reason = _unreadable(Path(item["image"]))
         if reason:
             _fail(f"image {item['image']} cannot be read: {reason}", InputError)
+
+
+def check_volumes(volume_transforms: Sequence, *parts: Sequence[dict]) -> None:
+    """Run ``volume_transforms`` up to their last ``CheckInputd`` over every case of ``parts``; one line naming the
+    file for bad input (an :class:`~scse_monai.errors.InputError`).
+
+    ``train.json`` and ``evaluate.json`` run this first in ``run``: their datasets cache the volumes in worker
+    threads while the workflow is built, where a failed check can only be a traceback. Each volume is read once more.
+    """
+    from monai.transforms import Compose
+
+    from scse_monai.errors import input_error_in
+    from scse_monai.transforms import CheckInputd
+
+    last = max(i for i, t in enumerate(volume_transforms) if isinstance(t, CheckInputd))
+    checks = Compose(volume_transforms[: last + 1])
+    for item in (item for part in parts for item in part):
+        try:
+            checks(dict(item))
+        except Exception as e:
+            error = input_error_in(e)
+            if error is None:
+                raise
+            _fail(str(error), InputError)
+
+
+def check_outputs(items: Sequence[dict], postprocessing, overwrite: bool | str = False, key: str = "image") -> None:
+    """One line naming the file, before anything is written, when an output that ``postprocessing``'s
+    ``SaveImage(d)`` would write for an item exists already, unless ``overwrite`` (``--overwrite true``).
+
+    The paths are the ones MONAI's ``SaveImage`` computes (its name formatter and folder layout), without creating
+    the output folder.
+    """
+    import copy
+
+    from monai.transforms import Compose, SaveImage, SaveImaged
+
+    if str(overwrite).strip().lower() not in ("true", "false"):
+        _fail(f"--overwrite must be true or false, got {overwrite!r}", InputError)
+    if str(overwrite).strip().lower() == "true":
+        return
+    found = postprocessing.flatten().transforms if isinstance(postprocessing, Compose) else [postprocessing]
+    savers = [getattr(t, "saver", t) for t in found if isinstance(t, (SaveImaged, SaveImage))]
+    for item, saver in ((item, saver) for item in items for saver in savers):
+        layout = copy.copy(saver.folder_layout)
+        layout.makedirs = False  # a path, not a folder
+        path = Path(layout.filename(**saver.fname_formatter({"filename_or_obj": str(item[key])}, saver)))
+        if path.exists() or path.is_symlink():
+            _fail(
+                f"output {path} (for {key} {item[key]}) exists; refusing to overwrite it: pass --overwrite true to "
+                "replace it, or another --output_dir",
+                InputError,
+            )
 
 
 def _check_checkpoint(ckpt_path: str) -> None:

@@ -193,7 +193,7 @@ class CheckInputd(MapTransform):
         >>> CheckInputd(keys="image", channels=1)({"image": torch.tensor([[[[float("nan")]]]])})
         Traceback (most recent call last):
         ...
-        scse_monai.errors.InputError: image: 1 of 1 voxels are not finite (NaN/inf); inference refuses non-finite input
+        scse_monai.errors.InputError: image: 1 of 1 voxels are not finite (NaN/inf); no network can segment them
     """
 
     def __init__(
@@ -226,6 +226,5 @@ class CheckInputd(MapTransform):
             bad = int((~torch.isfinite(values)).sum())
             if bad:
                 raise InputError(
-                    f"{name}: {bad} of {values.numel()} voxels are not finite (NaN/inf); inference refuses "
-                    "non-finite input"
+                    f"{name}: {bad} of {values.numel()} voxels are not finite (NaN/inf); no network can segment them"
                 )

@@ -466,7 +466,18 @@ def test_shipped_weights_are_consistent() -> None:
     scripted = torch.jit.load(str(ts), map_location="cpu", _extra_files=extra)
     # what a TorchScript user (MONAI Deploy) reads from the embedded files must be today's: processing, inferer,
     # network and its data format; where to find data and outputs, the version and requirements may move on
-    where = {"imports", "bundle_root", "dataset_dir", "output_dir", "ckpt_path", "data", "run", "initialize"}
+    # (and whether inference may replace existing outputs)
+    where = {
+        "imports",
+        "bundle_root",
+        "dataset_dir",
+        "output_dir",
+        "ckpt_path",
+        "data",
+        "run",
+        "initialize",
+        "overwrite",
+    }
     embedded, today = (
         json.loads(extra["inference.json"]),
         json.loads((BUNDLE / "configs" / "inference.json").read_text()),
