@@ -14,6 +14,7 @@ registered in the :data:`SE` layer factory (``SE["scse"]``); :func:`get_se_layer
 from __future__ import annotations
 
 import inspect
+import numbers
 
 import torch
 from monai.networks.layers.factories import Conv, LayerFactory
@@ -37,7 +38,8 @@ _SPATIAL_DIMS = (1, 2, 3)
 
 
 def _check_spatial_dims(spatial_dims: int) -> None:
-    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int) or spatial_dims not in _SPATIAL_DIMS:
+    integral = isinstance(spatial_dims, numbers.Integral) and not isinstance(spatial_dims, bool)
+    if not integral or spatial_dims not in _SPATIAL_DIMS:
         raise ValueError(f"spatial_dims must be one of {_SPATIAL_DIMS}, got {spatial_dims!r}.")
 
 
@@ -53,7 +55,7 @@ def _write_over(inplace: bool) -> bool:
 
 
 def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 

@@ -50,8 +50,9 @@ class RandFlipLeftRightd(Randomizable, MapTransform):
 
     Args:
         keys: keys to flip (image and labels).
-        label_keys: keys whose labels are swapped; each must be in ``keys``. A label map (one channel) has the
-            values of each pair exchanged; a one-hot label (several channels) has the pair's channels exchanged.
+        label_keys: keys whose labels are swapped (default: ``"label"`` if it is in ``keys``); each must be in
+            ``keys``, and every flipped label must be named here, or it is flipped without the swap. A label map (one
+            channel) has the values of each pair exchanged; a one-hot label (several channels) its pair's channels.
         swap_pairs: label value pairs to exchange; CHAOS: ``((2, 3),)`` (right kidney, left kidney).
         prob: flip probability.
         spatial_axis: the left-right spatial axis (0 after ``Orientationd("RAS")``, also for 2D slices).
@@ -66,13 +67,15 @@ class RandFlipLeftRightd(Randomizable, MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        label_keys: KeysCollection = ("label",),
+        label_keys: KeysCollection | None = None,
         swap_pairs: Sequence[Sequence[int]] = ((2, 3),),
         prob: float = 0.0,
         spatial_axis: int = 0,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
+        if label_keys is None:  # default: "label", when it is flipped
+            label_keys = [k for k in self.keys if k == "label"]
         self.label_keys = {label_keys} if isinstance(label_keys, str) else set(label_keys)
         if not self.label_keys <= set(self.keys):
             # a label left out of keys would stay unflipped under its flipped image

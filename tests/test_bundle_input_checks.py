@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,24 @@ def test_training_with_a_nan_is_one_line_naming_the_file_before_anything_is_writ
     line = _one_error_line(res)
     assert f"{key} {data / f'{key}sTr' / 'case1.nii.gz'}" in line and "not finite" in line, line
     assert not models.exists() and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_training_with_a_nan_label_stops_each_rank_in_one_line(tmp_path: Path) -> None:
+    # multi_gpu_train.json builds the trainer (and so caches the volumes) in initialize: the check comes first there
+    data = _dataset(tmp_path / "data", "label")
+    configs = "['bundle/configs/train.json','bundle/configs/multi_gpu_train.json']"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    cmd += ["-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", "bundle"]
+    cmd += ["--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    log = res.stdout + res.stderr
+    errors = [line for line in log.splitlines() if line.startswith("error: label ")]
+    assert res.returncode != 0 and errors, log[-3000:]
+    assert all(str(data / "labelsTr" / "case1.nii.gz") in e and "not finite" in e for e in errors), errors
+    assert "Failed to instantiate" not in log and "InputError" not in log, log[-3000:]  # no rank's traceback
+    assert not (tmp_path / "models").exists()
 
 
 # ------------------------------------------------------------------- issue 2: scores against the label file itself

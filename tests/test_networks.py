@@ -342,6 +342,14 @@ def test_interp_mode_must_suit_the_spatial_dims():
         SEUNet(3, 1, 2, features=4, interp_mode="bilinear")
     net = SEUNet(3, 1, 2, features=4, interp_mode="trilinear").eval()
     assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+    assert SEUNet(2, 1, 2, features=4, interp_mode="bicubic").eval()(torch.zeros(1, 1, 16, 16)).shape == (1, 2, 16, 16)
+
+
+def test_numpy_integers_are_integers():
+    import numpy as np
+
+    net = SEUNet(np.int64(2), np.int64(1), 2, features=np.int64(4), kernel_size=np.int64(3)).eval()
+    assert net(torch.zeros(1, 1, 16, 16)).shape == (1, 2, 16, 16)
 
 
 @pytest.mark.parametrize("cls", NETS)

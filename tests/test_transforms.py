@@ -41,8 +41,10 @@ def test_flip_swaps_one_hot_channels_and_refuses_label_keys_it_would_not_flip():
     one_hot = torch.nn.functional.one_hot(torch.tensor([2, 0, 1]), 5).T.reshape(5, 3, 1).float()
     out = RandFlipLeftRightd(["label"], prob=1.0)({"label": one_hot})["label"]
     assert out.argmax(0).flatten().tolist() == [1, 0, 3]
-    with pytest.raises(ValueError, match=r"label_keys \['label'\] are not in keys \['image', 'seg'\]"):
-        RandFlipLeftRightd(["image", "seg"], prob=1.0)  # "seg" would be flipped without its labels swapped
+    with pytest.raises(ValueError, match=r"label_keys \['label'\] are not in keys \['image'\]"):
+        RandFlipLeftRightd(["image"], label_keys="label", prob=1.0)  # the label would stay under a flipped image
+    image = torch.arange(3.0).reshape(1, 3, 1)
+    assert RandFlipLeftRightd("image", prob=1.0)({"image": image})["image"].flatten().tolist() == [2.0, 1.0, 0.0]
 
 
 def test_label_intensity_scales_each_organ_by_its_own_factor():

@@ -9,6 +9,7 @@ forward pass lives here once.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -22,9 +23,9 @@ __all__ = ["NUM_LEVELS", "SEEncoderDecoder"]
 
 NUM_LEVELS = 4
 _UPSAMPLE_MODES = ("interpolate", "unpool")
-#: torch's interpolation modes that work for any number of spatial dims, and the linear one of each
+#: torch's interpolation modes that work for any number of spatial dims, and those of each number of dims
 _INTERP_MODES = ("nearest", "nearest-exact", "area")
-_INTERP_LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
+_INTERP_LINEAR = {1: ("linear",), 2: ("bilinear", "bicubic"), 3: ("trilinear",)}
 
 
 class SEEncoderDecoder(nn.Module):
@@ -68,13 +69,14 @@ class SEEncoderDecoder(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("features", features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3) or not isinstance(spatial_dims, int):
+        integral = isinstance(spatial_dims, numbers.Integral) and not isinstance(spatial_dims, bool)
+        if not integral or spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims must be one of (1, 2, 3), got {spatial_dims!r}.")
         if upsample not in _UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {_UPSAMPLE_MODES}, got {upsample!r}.")
-        modes = _INTERP_MODES + (_INTERP_LINEAR[spatial_dims],)
+        modes = _INTERP_MODES + _INTERP_LINEAR[spatial_dims]
         if upsample == "interpolate" and interp_mode not in modes:
             raise ValueError(f"interp_mode must be one of {modes} for {spatial_dims}D, got {interp_mode!r}.")
         self.spatial_dims = spatial_dims

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv
@@ -13,7 +15,8 @@ __all__ = ["DenseStage", "check_kernel_size", "conv_stage"]
 
 def check_kernel_size(kernel_size: int) -> None:
     """Raises ``ValueError`` unless ``kernel_size`` is a positive odd integer (padding ``k // 2`` keeps the size)."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+    integral = isinstance(kernel_size, numbers.Integral) and not isinstance(kernel_size, bool)
+    if not integral or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}.")
 
 
