@@ -195,15 +195,21 @@ def partition(
     return items
 
 
-def class_names(datalist_file: str, include_background: bool = False) -> list[str]:
-    """Class names in index order from the datalist's ``labels`` map.
+def class_names(datalist_file: str, include_background: bool = False, num_classes: int | None = None) -> list[str]:
+    """Class names in index order from the datalist's ``labels`` map; without one (MONAI's fold datalists often
+    have none), ``class1``, ``class2``, ... for ``num_classes`` classes, else one line naming the datalist.
 
     Example::
 
         >>> class_names("prepared/datalist.json")
         ['liver', 'right kidney', 'left kidney', 'spleen']
     """
-    labels = _load(datalist_file).get("labels", {})
+    labels = _load(datalist_file).get("labels") or {}
+    if not labels and num_classes is None:
+        example = '{"0": "background", "1": "liver"}'
+        _fail(f"datalist {datalist_file} has no 'labels' map (e.g. {example})", InputError)
+    if not labels:
+        labels = {str(c): "background" if c == 0 else f"class{c}" for c in range(num_classes)}
     names = [labels[k] for k in sorted(labels, key=int)]
     return names if include_background else names[1:]
 

@@ -126,6 +126,21 @@ def test_a_fold_datalist_without_patients_keeps_its_folds_and_each_case_is_its_o
     assert [i["patient"] for i in partition(str(datalist), "train", [0])] == ["case_01", "case_03"]
 
 
+def test_a_datalist_without_labels_names_its_classes_by_index(tmp_path: Path) -> None:
+    # MONAI's fold datalists often have no "labels" map: the metrics' class names come from num_classes
+    datalist = write_decathlon(tmp_path / "toy", cases=4)
+    doc = json.loads(datalist.read_text())
+    doc.pop("labels", None)
+    datalist.write_text(json.dumps(doc))
+    assert class_names(str(datalist), num_classes=3) == ["class1", "class2"]
+    with pytest.raises(ValueError, match=r"toy/dataset.json has no 'labels' map"):
+        class_names(str(datalist))
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.update({"dataset_dir": str(datalist.parent), "num_classes": 3})
+    assert parser.get_parsed_content("validate#key_metric#val_mean_dice").class_labels == ["class1", "class2"]
+
+
 def test_a_datalist_where_only_some_items_have_a_fold_is_refused(tmp_path: Path) -> None:
     datalist = write_decathlon(tmp_path / "toy", cases=5)
     set_folds(datalist, [0, 0, 1, 1, None])
