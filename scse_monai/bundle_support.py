@@ -235,11 +235,16 @@ def class_voxel_counts(
         >>> class_voxel_counts("Task09_Spleen/dataset.json", val_folds=[0])  # doctest: +SKIP
         {'0': 78121946, '1': 248203}
     """
-    held_out = None if val_folds is None else _val_folds(val_folds)
+    if val_folds is not None:
+        return training_datalist(datalist_file, val_folds, num_classes)["class_voxel_counts"]
     meta = _load(datalist_file, absolute=True)
-    if meta.get("class_voxel_counts") and not held_out:
+    return _counts(meta, meta.get("training", []), num_classes, datalist_file)
+
+
+def _counts(meta: dict, entries: list[dict], num_classes: int | None, datalist_file: str) -> dict[str, int]:
+    """``entries``' class voxel counts: the datalist's own when ``entries`` are all its cases, else from the files."""
+    if meta.get("class_voxel_counts") and len(entries) == len(meta.get("training", [])):
         return {str(k): int(v) for k, v in meta["class_voxel_counts"].items()}
-    entries = meta.get("training", []) if held_out is None else partition(datalist_file, "train", list(held_out))
     labels = [e["label"] for e in entries if "label" in e]
     total = _count_labels(labels, num_classes or len(meta.get("labels", {})))[: num_classes or None]
     logger.info(f"datalist {datalist_file}: counted {len(total)} classes in the labels of {len(labels)} cases")
@@ -269,11 +274,8 @@ def training_datalist(datalist_file: str, val_folds: Sequence[int], num_classes:
         >>> training_datalist("prepared/datalist.json", val_folds=[0])["class_voxel_counts"]  # doctest: +SKIP
         {'0': 4028295, '1': 330079, '2': 33354, '3': 33287, '4': 31433}
     """
-    return {
-        **_load(datalist_file, absolute=True),
-        "training": partition(datalist_file, "train", val_folds),
-        "class_voxel_counts": class_voxel_counts(datalist_file, num_classes, val_folds),
-    }
+    meta, training = _load(datalist_file, absolute=True), partition(datalist_file, "train", val_folds)
+    return {**meta, "training": training, "class_voxel_counts": _counts(meta, training, num_classes, datalist_file)}
 
 
 def check_inference_input(dataset_dir: str, ckpt_path: str | None = None) -> None:
