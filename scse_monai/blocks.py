@@ -37,7 +37,8 @@ SE_OPTIONS: tuple[str, ...] = ("aggregation", "inplace", "reduction_ratio")
 _SPATIAL_DIMS = (1, 2, 3)
 
 
-def _check_spatial_dims(spatial_dims: int) -> None:
+# argument checks shared with the networks (one message for one mistake)
+def check_spatial_dims(spatial_dims: int) -> None:
     integral = isinstance(spatial_dims, numbers.Integral) and not isinstance(spatial_dims, bool)
     if not integral or spatial_dims not in _SPATIAL_DIMS:
         raise ValueError(f"spatial_dims must be one of {_SPATIAL_DIMS}, got {spatial_dims!r}.")
@@ -54,7 +55,7 @@ def _write_over(inplace: bool) -> bool:
     return inplace and not torch.is_grad_enabled() and not torch.jit.is_tracing()
 
 
-def _check_positive_int(name: str, value: int) -> None:
+def check_positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
@@ -91,10 +92,10 @@ class ChannelSELayer(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, reduction_ratio: int = 2, inplace: bool = False) -> None:
         super().__init__()
-        _check_spatial_dims(spatial_dims)
+        check_spatial_dims(spatial_dims)
         self.inplace: bool = _check_inplace(inplace)
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("reduction_ratio", reduction_ratio)
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("reduction_ratio", reduction_ratio)
         hidden = in_channels // reduction_ratio
         if hidden < 1:
             raise ValueError(
@@ -147,8 +148,8 @@ class SpatialSELayer(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, inplace: bool = False) -> None:
         super().__init__()
-        _check_spatial_dims(spatial_dims)
-        _check_positive_int("in_channels", in_channels)
+        check_spatial_dims(spatial_dims)
+        check_positive_int("in_channels", in_channels)
         self.inplace: bool = _check_inplace(inplace)
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -262,12 +263,12 @@ def get_se_layer(name: str | None, spatial_dims: int, in_channels: int, **kwargs
     unknown = set(kwargs) - set(SE_OPTIONS)
     if unknown:
         raise ValueError(f"unexpected SE options {sorted(unknown)}; allowed: {list(SE_OPTIONS)}.")
-    _check_spatial_dims(spatial_dims)
-    _check_positive_int("in_channels", in_channels)
+    check_spatial_dims(spatial_dims)
+    check_positive_int("in_channels", in_channels)
     # validate options even where the chosen variant does not use them, so a typo never passes silently
     _check_inplace(kwargs.get("inplace", False))
     _check_aggregation(kwargs.get("aggregation", "max"))
-    _check_positive_int("reduction_ratio", kwargs.get("reduction_ratio", 2))
+    check_positive_int("reduction_ratio", kwargs.get("reduction_ratio", 2))
     layer_type = SE[key]
     accepted = inspect.signature(layer_type).parameters
     return layer_type(spatial_dims, in_channels, **{k: v for k, v in kwargs.items() if k in accepted})

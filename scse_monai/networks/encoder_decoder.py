@@ -9,14 +9,13 @@ forward pass lives here once.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 
 import torch
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-from scse_monai.blocks import get_se_layer
+from scse_monai.blocks import check_positive_int, check_spatial_dims, get_se_layer
 from scse_monai.networks.sampling import crop_to, max_unpool, pad_to_multiple
 
 __all__ = ["NUM_LEVELS", "SEEncoderDecoder"]
@@ -69,11 +68,8 @@ class SEEncoderDecoder(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("features", features)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        integral = isinstance(spatial_dims, numbers.Integral) and not isinstance(spatial_dims, bool)
-        if not integral or spatial_dims not in (1, 2, 3):
-            raise ValueError(f"spatial_dims must be one of (1, 2, 3), got {spatial_dims!r}.")
+            check_positive_int(name, value)
+        check_spatial_dims(spatial_dims)
         if upsample not in _UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {_UPSAMPLE_MODES}, got {upsample!r}.")
         modes = _INTERP_MODES + _INTERP_LINEAR[spatial_dims]
